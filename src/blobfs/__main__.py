@@ -1,0 +1,3 @@
+from blobfs.cli import main
+
+raise SystemExit(main())

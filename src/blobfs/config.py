@@ -1,0 +1,209 @@
+"""Mount options: their names, defaults, parsing and the frozen configuration values.
+
+This module owns the option table that `--help`, `-o` parsing and the docs share. It knows
+nothing of FUSE or of any store SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blobfs.errors import UsageError
+
+MiB = 1 << 20
+
+_SIZE_RE = re.compile(r"^(\d+)([kmgt]i?b?|b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8M', '8MiB', '512k', '1048576' -> bytes."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use a number with an optional K, M, G suffix)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text.rstrip("s"))
+    if value < 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("", "1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_mode(text: str) -> int:
+    return int(text, 8)
+
+
+def parse_close(text: str) -> str:
+    if text not in ("sync", "async"):
+        raise ValueError(f"close must be 'sync' or 'async', not {text!r}")
+    return text
+
+
+def _default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/blobfs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "blobfs")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    flag: bool = False  # may be given without '=value'
+
+
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in [
+        Option("block_size", parse_size, 8 * MiB, "bytes per staged block; full blocks upload as soon as they fill"),
+        Option("commit_interval", parse_seconds, 1.0, "seconds between background commits while a file has pending data"),
+        Option("metadata_ttl", parse_seconds, 1.0, "seconds attributes (size, etag) are cached"),
+        Option("list_ttl", parse_seconds, 1.0, "seconds directory listings are cached"),
+        Option("readahead_max", parse_size, 64 * MiB, "largest sequential prefetch window"),
+        Option("cache_size", parse_size, 256 * MiB, "size of the shared read block cache"),
+        Option("cache_dir", str, None, "spool and cache directory (default /var/cache/blobfs for root, else $XDG_CACHE_HOME/blobfs)"),
+        Option("retry_timeout", parse_seconds, 60.0, "seconds transient store errors are retried"),
+        Option("shutdown_timeout", parse_seconds, 300.0, "seconds the final commit may take at unmount"),
+        Option("endpoint", str, None, "store endpoint URL (S3-compatible server, Azure endpoint)"),
+        Option("account", str, None, "Azure storage account name"),
+        Option("api_version", str, None, "Azure REST API version to pin (default: one Azurite accepts)"),
+        Option("close", parse_close, "sync", "'sync': close waits for the commit; 'async': close returns once spooled"),
+        Option("memory_limit", parse_size, 512 * MiB, "budget for read-ahead and pending write buffers"),
+        Option("metrics", str, None, "serve Prometheus metrics on ADDR:PORT, or write them to a file path"),
+        Option("uid", int, None, "owner of every file (default: the mounting user)"),
+        Option("gid", int, None, "group of every file (default: the mounting user's group)"),
+        Option("file_mode", parse_mode, 0o644, "permission bits of files (octal)"),
+        Option("dir_mode", parse_mode, 0o755, "permission bits of directories (octal)"),
+        Option("allow_other", parse_bool, False, "let other users see the mount", flag=True),
+        Option("read_only", parse_bool, False, "refuse every change", flag=True),
+    ]
+}
+
+#: Options mount(8), fstab or systemd pass that mean nothing to blobfs (SPEC §5).
+IGNORED_OPTIONS = {
+    "_netdev", "nofail", "defaults", "rw", "auto", "noauto", "user", "users", "nouser",
+    "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
+    "nodiratime", "async", "sync", "dirsync", "loud", "silent", "nofail",
+}
+ALIASES = {"ro": ("read_only", "1")}
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """Parse '-o a=b,c' strings into {name: value}; raise UsageError on a bad one."""
+    values: dict[str, Any] = {}
+    for item in items:
+        for raw in filter(None, (p.strip() for p in item.split(","))):
+            name, eq, text = raw.partition("=")
+            if name in IGNORED_OPTIONS or name.startswith(("x-systemd.", "x-", "comment=")):
+                continue
+            if name in ALIASES:
+                name, text = ALIASES[name]
+                eq = "="
+            opt = OPTIONS.get(name)
+            if opt is None:
+                raise UsageError(
+                    f"unknown option '{name}': see 'blobfs mount --help' for the list"
+                )
+            if not eq and not opt.flag:
+                raise UsageError(f"option '{name}' needs a value: -o {name}=VALUE")
+            try:
+                values[name] = opt.parse(text)
+            except ValueError as exc:
+                raise UsageError(f"bad value for option '{name}': {exc}") from None
+    return values
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What a store adapter needs: endpoint, account, retries."""
+
+    endpoint: str | None = None
+    account: str | None = None
+    api_version: str | None = None
+    retry_timeout: float = 60.0
+    block_size: int = 8 * MiB
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    source: str
+    mountpoint: Path
+    block_size: int = 8 * MiB
+    commit_interval: float = 1.0
+    metadata_ttl: float = 1.0
+    list_ttl: float = 1.0
+    readahead_max: int = 64 * MiB
+    cache_size: int = 256 * MiB
+    cache_dir: Path = Path(_default_cache_dir())
+    retry_timeout: float = 60.0
+    shutdown_timeout: float = 300.0
+    endpoint: str | None = None
+    account: str | None = None
+    api_version: str | None = None
+    close: str = "sync"
+    memory_limit: int = 512 * MiB
+    metrics: str | None = None
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    allow_other: bool = False
+    read_only: bool = False
+    foreground: bool = False
+    debug: bool = False
+
+    @classmethod
+    def build(cls, source: str, mountpoint: str, options: Mapping[str, Any], **extra: Any) -> MountConfig:
+        values = {k: v for k, v in options.items() if v is not None}
+        if "cache_dir" in values:
+            values["cache_dir"] = Path(values["cache_dir"])
+        cfg = cls(source=source, mountpoint=Path(mountpoint), **values, **extra)
+        if cfg.block_size < 64 << 10:
+            raise UsageError("block_size must be at least 64K")
+        if cfg.commit_interval <= 0:
+            raise UsageError("commit_interval must be greater than 0")
+        return cfg
+
+    @property
+    def store(self) -> StoreConfig:
+        return StoreConfig(
+            endpoint=self.endpoint,
+            account=self.account,
+            api_version=self.api_version,
+            retry_timeout=self.retry_timeout,
+            block_size=self.block_size,
+        )
+
+
+def options_help() -> str:
+    lines = []
+    for opt in OPTIONS.values():
+        default = opt.default
+        if opt.name == "cache_dir":
+            default = _default_cache_dir()
+        elif isinstance(default, int) and not isinstance(default, bool) and default >= MiB:
+            default = f"{default // MiB}M"
+        elif isinstance(default, int) and opt.name.endswith("mode"):
+            default = oct(default)[2:]
+        lines.append(f"  {opt.name:<17} {opt.help} (default: {default})")
+    return "\n".join(lines)

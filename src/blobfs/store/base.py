@@ -1,0 +1,236 @@
+"""The object-store protocol every backend implements, and helpers built only on it.
+
+A store holds versions of keys. Every version has an ETag; commits are conditional on the
+ETag the caller last saw, so a lost update is always detected (SPEC §2). A new version is
+built by a `BlockUpload`: the caller stages full blocks of new bytes as they fill and then
+commits a description of the whole new content -- which byte ranges are new ("dirty"),
+and that everything else is the base version's bytes (or zeros past the base's end). This
+one shape expresses Azure (stage blocks, commit a block list), S3 (PutObject for small
+blobs; multipart with UploadPartCopy of unchanged ranges for large ones) and files (write
+aside, fsync, rename).
+
+This module must not import any SDK, trio internals or FUSE: adapters translate their SDK
+errors into the exceptions of `blobfs.errors` before they cross this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from blobfs.types import ETag, ListPage, ObjectMeta, is_append_of
+
+
+@dataclass(frozen=True, order=True)
+class Range:
+    """A half-open byte range [off, off + size)."""
+
+    off: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.off + self.size
+
+
+class PendingSource(Protocol):
+    """Where an upload reads the new bytes it was not handed by `stage` (the spool)."""
+
+    async def read_pending(self, off: int, size: int) -> bytes:
+        """Return exactly `size` pending bytes at `off` of the new version (checkpoints)."""
+        ...
+
+
+class BlockUpload(Protocol):
+    """One new version of one key under construction. Nothing is visible before `commit`.
+
+    Raises (every method): the store exceptions of `blobfs.errors`.
+    """
+
+    key: str
+    base: ObjectMeta | None
+
+    async def stage(self, off: int, data: bytes) -> None:
+        """Offer new bytes that will sit at [off, off+len(data)) of the new version.
+
+        The store may upload them now (a block, a multipart part) so the commit only has to
+        send the tail, or keep nothing and read them from the source at commit. Staging the
+        same `off` again replaces the earlier bytes.
+        """
+        ...
+
+    def discard_nowait(self, off: int) -> None:
+        """Forget bytes staged at `off`: the caller changed them after staging."""
+        ...
+
+    async def commit(
+        self, size: int, dirty: Sequence[Range], metadata: Mapping[str, str]
+    ) -> ObjectMeta:
+        """Atomically make the new version current, conditional on `base`.
+
+        The new content is `size` bytes: inside `dirty` the pending bytes (staged, else read
+        from the source), elsewhere the base's bytes, and zeros past the base's end.
+        If-Match on the base ETag, or If-None-Match '*' when `base` is None.
+
+        Raises:
+            PreconditionFailed: the key moved on (or appeared) since `base`.
+        """
+        ...
+
+    async def abort(self) -> None:
+        """Release server-side state (multipart uploads, temp files). Idempotent."""
+        ...
+
+
+class ObjectStore(Protocol):
+    """A blob container. All methods checkpoint; none blocks the trio thread."""
+
+    #: A description for logs and status, never holding a secret.
+    display: str
+
+    async def check(self) -> None:
+        """Prove at mount time that the container exists and the credentials work.
+
+        Raises:
+            NotFound: missing bucket, container or directory.
+            AccessDenied: bad credentials.
+            StoreUnavailable: the endpoint cannot be reached.
+        """
+        ...
+
+    async def head(self, key: str) -> ObjectMeta:
+        """Raises NotFound."""
+        ...
+
+    async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        """Ranged read of the version `etag`; short only at the end of the object.
+
+        A range starting at or past the end returns b"".
+
+        Raises:
+            PreconditionFailed: the current version is not `etag`.
+            NotFound: the key is gone.
+        """
+        ...
+
+    async def list(
+        self, prefix: str, *, delimiter: str = "/", token: str | None = None, limit: int = 1000
+    ) -> ListPage:
+        """One page of keys under `prefix`, grouped at `delimiter` into `prefixes`."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete the key. Deleting a missing key succeeds."""
+        ...
+
+    async def copy(
+        self, src: ObjectMeta, dst_key: str, metadata: Mapping[str, str]
+    ) -> ObjectMeta:
+        """Server-side copy of version `src` to `dst_key` (unconditional on the target).
+
+        Raises:
+            PreconditionFailed: `src` is no longer current.
+            NotFound: `src` is gone.
+        """
+        ...
+
+    def begin_upload(
+        self, key: str, base: ObjectMeta | None, source: PendingSource
+    ) -> BlockUpload:
+        """Start building a new version of `key` on top of `base` (None: a new key)."""
+        ...
+
+    async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
+        """Whether `new` keeps `old`'s bytes as a prefix (SPEC §3 lineage)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release clients and connections."""
+        ...
+
+
+class BytesSource:
+    """A `PendingSource` over an in-memory buffer placed at `off`."""
+
+    def __init__(self, data: bytes, off: int = 0) -> None:
+        self._data = data
+        self._off = off
+
+    async def read_pending(self, off: int, size: int) -> bytes:
+        start = off - self._off
+        if start < 0 or start + size > len(self._data):
+            raise ValueError(f"pending range {off}+{size} outside the buffer")
+        return self._data[start : start + size]
+
+
+async def put_bytes(
+    store: ObjectStore,
+    key: str,
+    data: bytes,
+    *,
+    base: ObjectMeta | None,
+    metadata: Mapping[str, str],
+) -> ObjectMeta:
+    """Replace `key` with `data` in one commit, conditional on `base` (None: must not exist)."""
+    upload = store.begin_upload(key, base, BytesSource(data))
+    try:
+        dirty = [Range(0, len(data))] if data else []
+        return await upload.commit(len(data), dirty, metadata)
+    except BaseException:
+        await upload.abort()
+        raise
+
+
+async def read_all(store: ObjectStore, meta: ObjectMeta, chunk: int = 8 << 20) -> bytes:
+    """The whole content of version `meta` (tests, tools, small blobs)."""
+    parts = []
+    for off in range(0, meta.size, chunk):
+        parts.append(await store.read(meta.key, meta.etag, off, min(chunk, meta.size - off)))
+    return b"".join(parts)
+
+
+def lineage_proves_append(old: ObjectMeta, new: ObjectMeta) -> bool:
+    """The store-independent part of `ObjectStore.proves_append`."""
+    return is_append_of(new, old)
+
+
+def normalize_ranges(ranges: Sequence[Range]) -> list[Range]:
+    """Sort, drop empties and merge overlapping or touching ranges."""
+    out: list[Range] = []
+    for r in sorted(r for r in ranges if r.size > 0):
+        if out and r.off <= out[-1].end:
+            last = out[-1]
+            out[-1] = Range(last.off, max(last.end, r.end) - last.off)
+        else:
+            out.append(r)
+    return out
+
+
+def base_segments(size: int, dirty: Sequence[Range], base_size: int) -> list[tuple[str, Range]]:
+    """Split [0, size) into ("dirty" | "base" | "zero", Range) segments, in order.
+
+    "base" segments lie below `base_size`; "zero" ones are holes past the base's end.
+    Every store's commit walks this layout; it is shared so they agree on the semantics.
+    """
+    out: list[tuple[str, Range]] = []
+    pos = 0
+
+    def gap(start: int, end: int) -> None:
+        if start >= end:
+            return
+        mid = min(max(start, base_size), end)
+        if mid > start:
+            out.append(("base", Range(start, mid - start)))
+        if end > mid:
+            out.append(("zero", Range(mid, end - mid)))
+
+    for r in normalize_ranges(dirty):
+        if r.off >= size:
+            break
+        gap(pos, r.off)
+        end = min(r.end, size)
+        out.append(("dirty", Range(r.off, end - r.off)))
+        pos = end
+    gap(pos, size)
+    return out

@@ -1,0 +1,450 @@
+"""`file:///DIR`: a local directory with the same blob semantics as the clouds.
+
+Keys are paths under DIR; "a/" markers are directories. Each commit writes the new version
+aside in DIR/.blobfs/tmp, fsyncs it and renames it over the key under an inter-process
+lock, so a reader never sees a partial version and two mounts of one directory get the
+same conditional-commit semantics as S3 or Azure. ETags combine a random token kept in an
+xattr with the inode, mtime and size, so edits made by other tools change them too.
+
+This module must not know about FUSE or the core's data structures.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from blobfs.config import StoreConfig
+from blobfs.errors import (
+    AccessDenied,
+    BadRequest,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+)
+from blobfs.store._blocking import Blocking
+from blobfs.store.base import PendingSource, Range, base_segments, lineage_proves_append
+from blobfs.types import ETag, ListPage, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+INTERNAL = ".blobfs"
+_XATTR_TOKEN = "user.blobfs.token"
+_XATTR_META = "user.blobfs.meta"
+_COPY_CHUNK = 8 << 20
+
+
+def classify(exc: BaseException) -> StoreError:
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return NotFound(str(exc))
+    if isinstance(exc, PermissionError):
+        return AccessDenied(str(exc))
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return StoreError(f"store disk full: {exc}")
+    if isinstance(exc, OSError):
+        return BadRequest(str(exc))
+    return StoreError(f"{type(exc).__name__}: {exc}")
+
+
+def _etag_of(fd: int) -> ETag:
+    st = os.fstat(fd)
+    try:
+        token = os.getxattr(fd, _XATTR_TOKEN).decode()
+    except OSError:
+        token = "x"
+    return ETag(f"{token}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}")
+
+
+def _meta_of(key: str, fd: int) -> ObjectMeta:
+    st = os.fstat(fd)
+    try:
+        metadata = json.loads(os.getxattr(fd, _XATTR_META))
+    except (OSError, ValueError):
+        metadata = {}
+    return ObjectMeta(key, st.st_size, _etag_of(fd), st.st_mtime, metadata)
+
+
+class LocalUpload:
+    def __init__(self, store: LocalStore, key: str, base: ObjectMeta | None,
+                 source: PendingSource) -> None:
+        self.key = key
+        self.base = base
+        self._store = store
+        self._source = source
+        self._tmp: Path | None = None
+        self._staged: set[tuple[int, int]] = set()
+
+    def _tmp_path(self) -> Path:
+        if self._tmp is None:
+            self._tmp = self._store.root / INTERNAL / "tmp" / secrets.token_hex(8)
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.touch()
+        return self._tmp
+
+    async def stage(self, off: int, data: bytes) -> None:
+        path = self._tmp_path()
+        await self._store.io.call("write", _pwrite, path, off, data)
+        self._staged = {s for s in self._staged if s[0] != off}
+        self._staged.add((off, len(data)))
+
+    def discard_nowait(self, off: int) -> None:
+        self._staged = {s for s in self._staged if s[0] != off}
+
+    async def commit(self, size: int, dirty: Sequence[Range],
+                     metadata: Mapping[str, str]) -> ObjectMeta:
+        path = self._tmp_path()
+        base_size = self.base.size if self.base else 0
+        plan = base_segments(size, dirty, base_size)
+        staged = sorted(self._staged)
+        for kind, r in plan:
+            if kind != "dirty":
+                continue
+            # Bytes already staged in place need not be written again.
+            for gap in _uncovered(r, staged):
+                for off in range(gap.off, gap.end, _COPY_CHUNK):
+                    n = min(_COPY_CHUNK, gap.end - off)
+                    data = await self._source.read_pending(off, n)
+                    await self._store.io.call("write", _pwrite, path, off, data)
+        meta = await self._store.io.call(
+            "write", self._store.commit_sync, self.key, self.base, path, plan, staged,
+            dict(metadata),
+        )
+        self._tmp = None
+        self._staged.clear()
+        return meta
+
+    async def abort(self) -> None:
+        if self._tmp is not None:
+            tmp, self._tmp = self._tmp, None
+            await self._store.io.call("write", _unlink_quiet, tmp)
+
+
+def _uncovered(r: Range, staged: Sequence[tuple[int, int]]) -> Iterator[Range]:
+    pos = r.off
+    for off, n in staged:
+        if off + n <= pos or off >= r.end:
+            continue
+        if off > pos:
+            yield Range(pos, off - pos)
+        pos = max(pos, off + n)
+    if pos < r.end:
+        yield Range(pos, r.end - pos)
+
+
+def _pwrite(path: Path, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class LocalStore:
+    def __init__(self, root: Path, cfg: StoreConfig) -> None:
+        self.root = root
+        self.display = f"file://{root}"
+        self.io = Blocking(classify, retry_timeout=cfg.retry_timeout,
+                           limits={"meta": 4, "read": 8, "write": 4})
+
+    # --- paths and locking ---------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        parts = key.rstrip("/").split("/")
+        if not key or any(p in ("", ".", "..") for p in parts) or parts[0] == INTERNAL:
+            raise BadRequest(f"key {key!r} cannot be stored in a directory")
+        return self.root.joinpath(*parts)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.root / INTERNAL / "lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- blocking bodies (run in worker threads) ------------------------------------------
+    def _check_sync(self) -> None:
+        if not self.root.is_dir():
+            raise NotFound(f"directory {self.root} does not exist: create it first")
+        (self.root / INTERNAL / "tmp").mkdir(parents=True, exist_ok=True)
+        probe = self.root / INTERNAL / "xattr-probe"
+        probe.touch()
+        try:
+            os.setxattr(probe, _XATTR_TOKEN, b"1")
+        except OSError:
+            log.warning("%s does not support user xattrs: appends by other mounts will "
+                        "look like rewrites", self.root)
+
+    def _head_sync(self, key: str) -> ObjectMeta:
+        path = self._path(key)
+        if key.endswith("/"):
+            if not path.is_dir():
+                raise NotFound(key)
+            st = path.stat()
+            return ObjectMeta(key, 0, ETag(f"d-{st.st_ino:x}"), st.st_mtime, {})
+        fd = _open_file(path)
+        try:
+            return _meta_of(key, fd)
+        finally:
+            os.close(fd)
+
+    def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        fd = _open_file(self._path(key))
+        try:
+            if _etag_of(fd) != etag:
+                raise PreconditionFailed(f"{key}: {etag} is not current")
+            return os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+
+    def _list_sync(self, prefix: str, delimiter: str, token: str | None,
+                   limit: int) -> ListPage:
+        names: list[tuple[str, bool]] = []
+        if delimiter == "/" and (prefix == "" or prefix.endswith("/")):
+            directory = self._path(prefix) if prefix else self.root
+            try:
+                with os.scandir(directory) as it:
+                    for entry in it:
+                        if not prefix and entry.name == INTERNAL:
+                            continue
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                        names.append((prefix + entry.name + ("/" if is_dir else ""), is_dir))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        else:
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                rel = os.path.relpath(dirpath, self.root)
+                rel = "" if rel == "." else rel + "/"
+                if rel == "":
+                    dirnames[:] = [d for d in dirnames if d != INTERNAL]
+                for f in filenames:
+                    names.append((rel + f, False))
+            names = [(n, d) for n, d in names if n.startswith(prefix)]
+            if delimiter:
+                grouped: dict[str, bool] = {}
+                for n, _ in names:
+                    cut = n.find(delimiter, len(prefix))
+                    grouped[n[: cut + 1] if cut >= 0 else n] = cut >= 0
+                names = list(grouped.items())
+        names.sort()
+        if token is not None:
+            names = [(n, d) for n, d in names if n > token]
+        page, more = names[:limit], len(names) > limit
+        objects = []
+        for name, is_dir in page:
+            if is_dir:
+                continue
+            try:
+                fd = _open_file(self._path(name))
+            except NotFound:
+                continue  # deleted while listing
+            try:
+                objects.append(_meta_of(name, fd))
+            finally:
+                os.close(fd)
+        return ListPage(objects, [n for n, d in page if d], page[-1][0] if more else None)
+
+    def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
+        with self._locked():
+            try:
+                if key.endswith("/"):
+                    path.rmdir()
+                else:
+                    path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+
+    def _copy_sync(self, src: ObjectMeta, dst_key: str, metadata: dict[str, str]) -> ObjectMeta:
+        tmp = self.root / INTERNAL / "tmp" / secrets.token_hex(8)
+        tmp.touch()
+        try:
+            plan = [("base", Range(0, src.size))] if src.size else []
+            return self.commit_sync(dst_key, None, tmp, plan, [], metadata, src=src,
+                                    overwrite=True)
+        finally:
+            _unlink_quiet(tmp)
+
+    def commit_sync(
+        self,
+        key: str,
+        base: ObjectMeta | None,
+        tmp: Path,
+        plan: list[tuple[str, Range]],
+        staged: list[tuple[int, int]],
+        metadata: dict[str, str],
+        *,
+        src: ObjectMeta | None = None,
+        overwrite: bool = False,
+    ) -> ObjectMeta:
+        """Fill `tmp` from the base, fsync it and rename it over `key` if `base` holds."""
+        path = self._path(key)
+        copy_from = src or base
+        base_fd = -1
+        if copy_from is not None:
+            base_fd = _open_file(self._path(copy_from.key))
+        try:
+            if copy_from is not None and _etag_of(base_fd) != copy_from.etag:
+                raise PreconditionFailed(f"{copy_from.key} moved on from {copy_from.etag}")
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                size = plan[-1][1].end if plan else 0
+                for kind, r in plan:
+                    if kind == "base":
+                        _copy_range(base_fd, fd, r)
+                    elif kind == "zero" and any(o < r.end and o + n > r.off for o, n in staged):
+                        _pwrite_fd(fd, r.off, bytes(r.size))
+                os.ftruncate(fd, size)
+                os.setxattr(fd, _XATTR_TOKEN, secrets.token_hex(6).encode())
+                os.setxattr(fd, _XATTR_META, json.dumps(metadata).encode())
+                os.fsync(fd)
+                meta = _meta_of(key, fd)
+            finally:
+                os.close(fd)
+        finally:
+            if base_fd >= 0:
+                os.close(base_fd)
+        with self._locked():
+            if not overwrite:
+                current = self._current_etag(path)
+                expected = base.etag if base else None
+                if current != expected:
+                    _unlink_quiet(tmp)
+                    raise PreconditionFailed(f"{key} moved on from {expected}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return meta
+
+    def _current_etag(self, path: Path) -> ETag | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return _etag_of(fd)
+        finally:
+            os.close(fd)
+
+    def _mkdir_sync(self, key: str) -> ObjectMeta:
+        path = self._path(key)
+        path.mkdir(parents=True, exist_ok=True)
+        return self._head_sync(key)
+
+    # --- the protocol -------------------------------------------------------------------
+    async def check(self) -> None:
+        await self.io.call("meta", self._check_sync)
+
+    async def head(self, key: str) -> ObjectMeta:
+        return await self.io.call("meta", self._head_sync, key, idempotent=True)
+
+    async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        return await self.io.call("read", self._read_sync, key, etag, off, size,
+                                  idempotent=True)
+
+    async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
+                   limit: int = 1000) -> ListPage:
+        return await self.io.call("meta", self._list_sync, prefix, delimiter, token, limit,
+                                  idempotent=True)
+
+    async def delete(self, key: str) -> None:
+        await self.io.call("write", self._delete_sync, key)
+
+    async def copy(self, src: ObjectMeta, dst_key: str,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        return await self.io.call("write", self._copy_sync, src, dst_key, dict(metadata))
+
+    def begin_upload(self, key: str, base: ObjectMeta | None,
+                     source: PendingSource) -> LocalUpload | _DirUpload:
+        if key.endswith("/"):
+            return _DirUpload(self, key, base)
+        return LocalUpload(self, key, base, source)
+
+    async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
+        return lineage_proves_append(old, new)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _DirUpload:
+    """A "dir/" marker is a directory here: committing one is mkdir."""
+
+    def __init__(self, store: LocalStore, key: str, base: ObjectMeta | None) -> None:
+        self.key = key
+        self.base = base
+        self._store = store
+
+    async def stage(self, off: int, data: bytes) -> None:
+        raise BadRequest("directory markers hold no data")
+
+    def discard_nowait(self, off: int) -> None:
+        pass
+
+    async def commit(self, size: int, dirty: Sequence[Range],
+                     metadata: Mapping[str, str]) -> ObjectMeta:
+        if size:
+            raise BadRequest("directory markers hold no data")
+        return await self._store.io.call("write", self._store._mkdir_sync, self.key)
+
+    async def abort(self) -> None:
+        pass
+
+
+def _open_file(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(str(path)) from None
+    if not os.path.isfile(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        raise NotFound(f"{path} is not a file")
+    return fd
+
+
+def _copy_range(src_fd: int, dst_fd: int, r: Range) -> None:
+    off = r.off
+    while off < r.end:
+        n = os.copy_file_range(src_fd, dst_fd, r.end - off, off, off)
+        if n == 0:
+            raise PreconditionFailed("base version shrank during the commit")
+        off += n
+
+
+def _pwrite_fd(fd: int, off: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
+def open_local(url: str, cfg: StoreConfig) -> LocalStore:
+    path = url.removeprefix("file://")
+    if not path.startswith("/"):
+        raise BadRequest(f"{url}: file:// sources need an absolute path (file:///DIR)")
+    return LocalStore(Path(path), cfg)

@@ -1,0 +1,71 @@
+"""Shared fixtures: store environments for every store kind, started once per session."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.envs import StoreEnv
+
+#: Store kind -> the support module that starts its server and makes fresh containers.
+STORE_MODULES = {
+    "memory": "tests.support.memory_env",
+    "file": "tests.support.local_env",
+    "s3": "tests.support.s3_env",
+    "az": "tests.support.azure_env",
+}
+ALL_KINDS = [k for k, m in STORE_MODULES.items() if importlib.util.find_spec(m) is not None]
+#: Kinds two mount processes can share (memory:// lives inside one process).
+SHARED_KINDS = [k for k in ALL_KINDS if k != "memory"]
+
+_unique = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
+    """Start each kind's server on first use; stop them all at the end of the session."""
+    started: dict[str, Any] = {}
+    with ExitStack() as stack:
+
+        def get(kind: str) -> Any:
+            if kind not in started:
+                module = importlib.import_module(STORE_MODULES[kind])
+                started[kind] = stack.enter_context(
+                    module.server(tmp_path_factory.mktemp(f"server-{kind}"))
+                )
+            return started[kind]
+
+        yield get
+
+
+def make_store_env(server_for: Callable[[str], Any], kind: str) -> StoreEnv:
+    module = importlib.import_module(STORE_MODULES[kind])
+    unique = f"t{os.getpid()}x{next(_unique)}"
+    return module.make_env(server_for(kind), unique)
+
+
+@pytest.fixture(params=ALL_KINDS)
+def any_store_env(request: pytest.FixtureRequest, server_for: Callable[[str], Any]) -> StoreEnv:
+    """A fresh, empty container of every store kind."""
+    return make_store_env(server_for, request.param)
+
+
+@pytest.fixture(params=SHARED_KINDS)
+def store_env(request: pytest.FixtureRequest, server_for: Callable[[str], Any]) -> StoreEnv:
+    """A fresh, empty container of every kind two mounts can share (file, s3, az)."""
+    return make_store_env(server_for, request.param)
+
+
+@pytest.fixture
+def file_env(tmp_path: Path) -> StoreEnv:
+    root = tmp_path / "store"
+    root.mkdir()
+    return StoreEnv("file", f"file://{root}")

@@ -1,0 +1,105 @@
+"""Start `blobfs mount` in the foreground in a subprocess, and always take it down again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.envs import StoreEnv
+
+MOUNT_TIMEOUT = 30.0
+
+
+@dataclass
+class Mount:
+    path: Path
+    proc: subprocess.Popen[bytes]
+    cache_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Ask the daemon to finish (commit and unmount) and wait for it; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _lazy_unmount(self.path)
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """Simulate a crash: SIGKILL, then clear the dead mountpoint."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _lazy_unmount(self.path)
+
+
+def _lazy_unmount(path: Path) -> None:
+    if _is_mount(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _is_mount(path: Path) -> bool:
+    target = str(path.resolve() if path.exists() else path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def blobfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "blobfs", *args]
+
+
+def mount_env(env: StoreEnv) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(env.env)
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    return out
+
+
+@contextmanager
+def mounted(
+    env: StoreEnv,
+    base: Path,
+    *options: str,
+    name: str = "mnt",
+    cache_dir: Path | None = None,
+) -> Iterator[Mount]:
+    """Mount `env` at base/name in a foreground daemon; yield once it answers.
+
+    Whatever happens in the body, the daemon is stopped and the mountpoint unmounted.
+    """
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir or base / f"{name}-cache"
+    log_path = base / f"{name}.log"
+    opts = [f"cache_dir={cache_dir}", *env.options, *options]
+    cmd = blobfs_cmd("mount", env.url, str(path), "-f", "-o", ",".join(opts))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=mount_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    mnt = Mount(path, proc, cache_dir, log_path)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not _is_mount(path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"blobfs exited with {proc.returncode}:\n{mnt.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"blobfs did not mount within {MOUNT_TIMEOUT}s:\n{mnt.log()}")
+            time.sleep(0.02)
+        yield mnt
+    finally:
+        mnt.stop()
