@@ -177,7 +177,9 @@ class MountConfig:
         values = {k: v for k, v in options.items() if v is not None}
         if "cache_dir" in values:
             values["cache_dir"] = Path(values["cache_dir"])
-        cfg = cls(source=source, mountpoint=Path(mountpoint), **values, **extra)
+        mnt = Path(os.path.realpath(mountpoint)) if os.path.isdir(mountpoint) else \
+            Path(os.path.abspath(mountpoint))
+        cfg = cls(source=source, mountpoint=mnt, **values, **extra)
         if cfg.block_size < 64 << 10:
             raise UsageError("block_size must be at least 64K")
         if cfg.commit_interval <= 0:

@@ -89,7 +89,7 @@ async def test_list_prefix_delimiter_pagination(store: ObjectStore) -> None:
     while True:
         page = await store.list("dir/", token=token, limit=7)
         pages += 1
-        files += [o.key for o in page.objects]
+        files += [o.key for o in page.objects if o.key != "dir/"]  # a marker may be listed
         prefixes += page.prefixes
         assert all(o.size == 1 and o.etag for o in page.objects)
         token = page.token

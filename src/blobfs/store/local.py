@@ -220,6 +220,9 @@ class LocalStore:
         names: list[tuple[str, bool]] = []
         if delimiter == "/" and (prefix == "" or prefix.endswith("/")):
             directory = self._path(prefix) if prefix else self.root
+            if prefix and token is None and directory.is_dir():
+                # A directory is its own "prefix/" marker, as S3 and Azure list theirs.
+                names.append((prefix, False))
             try:
                 with os.scandir(directory) as it:
                     for entry in it:
@@ -251,6 +254,9 @@ class LocalStore:
         objects = []
         for name, is_dir in page:
             if is_dir:
+                continue
+            if name.endswith("/"):
+                objects.append(self._head_sync(name))
                 continue
             try:
                 fd = _open_file(self._path(name))

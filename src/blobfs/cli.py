@@ -1,0 +1,200 @@
+"""Command line: argument and fstab-option parsing, daemon mode, exit codes.
+
+`blobfs mount SOURCE MOUNTPOINT [-o opts] [-f]`, the mount(8) form
+`blobfs SOURCE MOUNTPOINT -o opts`, and `blobfs unmount MOUNTPOINT`. Bad input becomes
+one line on stderr and a non-zero exit code (documented in the README), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from blobfs import __version__
+from blobfs import log as blog
+from blobfs.config import MountConfig, options_help, parse_options
+from blobfs.errors import UsageError
+from blobfs.store import split_source
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+USAGE = """\
+usage: blobfs mount SOURCE MOUNTPOINT [-o OPT[=VALUE],...] [-f] [--debug]
+       blobfs SOURCE MOUNTPOINT [-o ...]          (the mount(8) / fstab form)
+       blobfs unmount MOUNTPOINT
+
+SOURCE is s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR.
+"""
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blobfs mount",
+        usage="blobfs mount SOURCE MOUNTPOINT [-o OPT[=VALUE],...] [-f] [--debug]",
+        description="Mount a blob container. Options (-o name=value, comma separated):\n"
+        + options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="mount options, comma separated")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (default: daemonize once mounted)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see blobfs mount --help)")
+
+
+def parse_mount_args(argv: list[str]) -> MountConfig:
+    p = _mount_parser()
+    p.__class__ = _Parser
+    args = p.parse_args(argv)
+    split_source(args.source)  # validates the scheme
+    values = parse_options(args.options)
+    return MountConfig.build(args.source, args.mountpoint, values,
+                             foreground=args.foreground, debug=args.debug)
+
+
+def cmd_mount(argv: list[str]) -> int:
+    from blobfs import mount
+
+    cfg = parse_mount_args(argv)
+    blog.setup(cfg.debug)
+    mount.preflight(cfg)
+    if cfg.foreground:
+        return trio.run(mount.serve, cfg)
+    return _daemonize(cfg)
+
+
+def _daemonize(cfg: MountConfig) -> int:
+    """Fork; the parent returns only once the mount answers, or with the child's error."""
+    from blobfs import mount
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message == "ok":
+            return EXIT_OK
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if message:
+            print(f"blobfs: {message}", file=sys.stderr)
+        return code or EXIT_ERROR
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    log_path = cfg.cache_dir / "blobfs.log"
+    err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(err, 2)
+    notified = False
+
+    def ready() -> None:
+        nonlocal notified
+        os.write(write_fd, b"ok")
+        os.close(write_fd)
+        notified = True
+
+    try:
+        code = trio.run(mount.serve, cfg, on_ready=ready)
+    except UsageError as exc:
+        if not notified:
+            os.write(write_fd, str(exc).encode())
+        log.error("%s", exc)
+        code = exc.exit_code
+    except BaseException:
+        log.exception("blobfs daemon failed")
+        code = EXIT_ERROR
+    os._exit(code)
+
+
+def cmd_unmount(argv: list[str]) -> int:
+    from blobfs import mount
+
+    p = argparse.ArgumentParser(prog="blobfs unmount",
+                                description="Commit pending data, then unmount.")
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for the final commit (default 600)")
+    p.__class__ = _Parser
+    args = p.parse_args(argv)
+    mnt = Path(args.mountpoint)
+    if not mount.is_mountpoint(mnt):
+        raise UsageError(f"{mnt} is not mounted")
+    pid = None
+    try:
+        pid = json.loads(mount.state_file(mnt).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if pid is None:
+        # Not started by a blobfs we know of: unmounting still makes the daemon commit.
+        res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+        if res.returncode:
+            raise UsageError(f"cannot unmount {mnt}: {res.stderr.strip()}", EXIT_ERROR)
+        return EXIT_OK
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UsageError(f"blobfs (pid {pid}) is still committing after {args.timeout:g}s",
+                             EXIT_ERROR)
+        time.sleep(0.05)
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE + "\nOptions:\n" + options_help())
+            return EXIT_OK if argv else 2
+        if argv[0] == "--version":
+            print(f"blobfs {__version__}")
+            return EXIT_OK
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "mount":
+            return cmd_mount(rest)
+        if cmd in ("unmount", "umount"):
+            return cmd_unmount(rest)
+        if "://" in cmd:
+            # mount(8) calls helpers as: blobfs SOURCE MOUNTPOINT -o opts
+            return cmd_mount(argv)
+        raise UsageError(f"unknown command '{cmd}': use mount or unmount (blobfs --help)")
+    except UsageError as exc:
+        print(f"blobfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,94 @@
+"""The one bounded block cache shared by every handle, keyed by key + ETag + block.
+
+Blocks are immutable because versions are: a (key, etag, block_no) entry never changes,
+so no invalidation is needed beyond eviction. Concurrent misses for one block share one
+download. Runs on the trio thread only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from blobfs.types import ETag
+
+CACHE_BLOCK = 1 << 20
+
+BlockKey = tuple[str, ETag, int]
+
+
+class _Inflight:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class BlockCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._blocks: OrderedDict[BlockKey, bytes] = OrderedDict()
+        self._inflight: dict[BlockKey, _Inflight] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get_nowait(self, bkey: BlockKey) -> bytes | None:
+        data = self._blocks.get(bkey)
+        if data is not None:
+            self._blocks.move_to_end(bkey)
+        return data
+
+    def put_nowait(self, bkey: BlockKey, data: bytes) -> None:
+        if len(data) > self.capacity:
+            return
+        old = self._blocks.pop(bkey, None)
+        if old is not None:
+            self.used -= len(old)
+        self._blocks[bkey] = data
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, evicted = self._blocks.popitem(last=False)
+            self.used -= len(evicted)
+
+    def alias_nowait(self, key: str, old: ETag, new: ETag, upto: int) -> None:
+        """After an append, blocks wholly below `upto` bytes hold the same data under `new`."""
+        for bkey, data in list(self._blocks.items()):
+            if bkey[0] == key and bkey[1] == old and (bkey[2] + 1) * CACHE_BLOCK <= upto:
+                self._blocks.setdefault((key, new, bkey[2]), data)
+                self.used += len(data)
+        while self.used > self.capacity:
+            _, evicted = self._blocks.popitem(last=False)
+            self.used -= len(evicted)
+
+    def contains(self, bkey: BlockKey) -> bool:
+        return bkey in self._blocks or bkey in self._inflight
+
+    async def fetch(self, bkey: BlockKey, load: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The block's bytes: from the cache, from a download in flight, or by `load()`."""
+        data = self.get_nowait(bkey)
+        if data is not None:
+            self.hits += 1
+            return data
+        waiting = self._inflight.get(bkey)
+        if waiting is not None:
+            await waiting.done.wait()
+            if waiting.error is not None:
+                raise waiting.error
+            assert waiting.data is not None
+            return waiting.data
+        self.misses += 1
+        mine = self._inflight[bkey] = _Inflight()
+        try:
+            data = await load()
+            mine.data = data
+            self.put_nowait(bkey, data)
+            return data
+        except BaseException as exc:
+            mine.error = exc
+            raise
+        finally:
+            del self._inflight[bkey]
+            mine.done.set()

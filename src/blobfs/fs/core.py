@@ -1,0 +1,773 @@
+"""Filesystem: the FUSE-agnostic operations of a blobfs mount, returning typed replies.
+
+It owns inodes, handles, the read path (version-pinned ranged reads through the shared
+block cache, with read-ahead) and the write path (per-file `FileWriter`s with commits on
+flush, fsync and a timer). It raises `FsError` and store errors; `fuse_ops` turns them
+into errno. It must not import pyfuse3 or any SDK. Design notes: docs/design/*.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from blobfs.config import MountConfig
+from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError, gone, stale
+from blobfs.fs.cache import CACHE_BLOCK, BlockCache
+from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
+from blobfs.fs.spool import Spool
+from blobfs.fs.writer import FileWriter, new_stream
+from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
+          "user.blobfs.last_commit")
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: Ino
+    mode: int
+    size: int
+    mtime: float
+    uid: int
+    gid: int
+    timeout: float
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    attr: Attr
+
+
+@dataclass
+class Handle:
+    fh: Fh
+    inode: Inode
+    gen: int
+    writable: bool
+    append: bool
+    #: Where the last read ended, and the read-ahead window it grew (SPEC §3).
+    last_end: int = -1
+    window: int = CACHE_BLOCK
+
+
+@dataclass
+class _Listing:
+    at: float
+    entries: list[tuple[str, bool, ObjectMeta | None]]
+
+
+class Filesystem:
+    """All operations of one mount. Call only from the trio thread."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cfg: MountConfig,
+        *,
+        spool: Spool,
+        spawn: Callable[..., None],
+        invalidate: Callable[[Ino], None] = lambda ino: None,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.spool = spool
+        self._spawn = spawn
+        self._invalidate = invalidate
+        self.inodes = InodeTable()
+        self.cache = BlockCache(cfg.cache_size)
+        self._handles: dict[Fh, Handle] = {}
+        self._next_fh = 1
+        self._listings: dict[str, _Listing] = {}
+        self._stage_limiter = trio.CapacityLimiter(4)
+        self._started = time.time()
+        self.shutting_down = False
+        self.stats = {"commits": 0, "commit_errors": 0, "appends_followed": 0,
+                      "replaced": 0, "deleted": 0}
+
+    @classmethod
+    def create(cls, store: ObjectStore, cfg: MountConfig, *, spool: Spool,
+               nursery: trio.Nursery, invalidate: Callable[[Ino], None]) -> Filesystem:
+        """Build a Filesystem whose background work (staging, timers) runs in `nursery`."""
+
+        def spawn(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+            nursery.start_soon(_guarded, fn, *args)
+
+        return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate)
+
+    # --- attributes -----------------------------------------------------------------
+    def _attr(self, inode: Inode) -> Attr:
+        cfg = self.cfg
+        if inode.is_dir:
+            mode = stat.S_IFDIR | cfg.dir_mode
+            mtime = inode.mtime or self._started
+        else:
+            mode = stat.S_IFREG | cfg.file_mode
+            mtime = inode.mtime or (inode.meta.mtime if inode.meta else self._started)
+        if cfg.read_only:
+            mode &= ~0o222
+        return Attr(inode.ino, mode, inode.size, mtime, cfg.uid, cfg.gid, cfg.metadata_ttl)
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"unknown inode {ino}")
+        return inode
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(Fh(fh))
+        if h is None:
+            raise FsError(errno.EBADF, f"unknown handle {fh}", logging.WARNING)
+        return h
+
+    async def getattr(self, ino: int) -> Attr:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            await self._refresh(inode)
+        return self._attr(inode)
+
+    # --- names ----------------------------------------------------------------------
+    def _child_key(self, parent: Inode, name: str) -> str:
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not valid_name(name):
+            if len(name.encode("utf-8", "surrogateescape")) > 255:
+                raise FsError(errno.ENAMETOOLONG)
+            raise FsError(errno.EINVAL, f"invalid name {name!r}")
+        return parent.key + name
+
+    async def _find(self, parent: Inode, name: str) -> Inode:
+        """The inode for a name, asking the store if needed. Does not count a lookup."""
+        key = self._child_key(parent, name)
+        local = self.inodes.by_key(key)
+        if local is not None and local.writer is not None and local.writer.base is None:
+            return local  # created here, not committed yet
+        listing = self._listings.get(parent.key)
+        if listing is not None and trio.current_time() - listing.at < self.cfg.list_ttl:
+            for entry_name, is_dir, meta in listing.entries:
+                if entry_name == name:
+                    inode = self.inodes.ensure(key + "/" if is_dir else key, is_dir, meta)
+                    return inode
+            raise FsError(errno.ENOENT)
+        file_meta: ObjectMeta | None = None
+        dir_found = False
+
+        async def head() -> None:
+            nonlocal file_meta
+            try:
+                file_meta = await self.store.head(key)
+            except NotFound:
+                pass
+
+        async def probe_dir() -> None:
+            nonlocal dir_found
+            page = await self.store.list(key + "/", limit=1)
+            dir_found = bool(page.objects or page.prefixes)
+
+        await _gather(head, probe_dir)
+        if dir_found:
+            if file_meta is not None:
+                self.inodes.warn_once(key, "a file beside a directory of the same name; "
+                                      "the directory wins")
+            return self.inodes.ensure(key + "/", True)
+        if file_meta is None:
+            raise FsError(errno.ENOENT)
+        inode = self.inodes.ensure(key, False)
+        if inode.meta is None or inode.meta.etag != file_meta.etag:
+            await self._observe(inode, file_meta)
+        inode.checked_at = trio.current_time()
+        return inode
+
+    async def lookup(self, parent_ino: int, name: str) -> Attr:
+        inode = await self._find(self._inode(parent_ino), name)
+        inode.lookups += 1
+        return self._attr(inode)
+
+    def remember(self, ino: int) -> None:
+        """The kernel took a reference from a readdirplus entry."""
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.lookups += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        self.inodes.forget(ino, n)
+
+    # --- change detection -------------------------------------------------------------
+    async def _refresh(self, inode: Inode, *, force: bool = False) -> None:
+        """Ask the store about the blob if our view is older than metadata_ttl."""
+        if inode.is_dir:
+            return
+        now = trio.current_time()
+        if not force and now - inode.checked_at < self.cfg.metadata_ttl:
+            return
+        w = inode.writer
+        if w is not None and w.base is None and w.pending:
+            return  # only here so far
+        try:
+            new: ObjectMeta | None = await self.store.head(inode.key)
+        except NotFound:
+            new = None
+        inode.checked_at = trio.current_time()
+        await self._observe(inode, new)
+
+    async def _observe(self, inode: Inode, new: ObjectMeta | None) -> None:
+        """React to the store's current version of `inode` (SPEC §3)."""
+        old = inode.meta
+        if new is None:
+            if old is None:
+                return
+            inode.gen_end[inode.gen] = gone(f"{inode.key} was deleted remotely")
+            inode.gen += 1
+            inode.meta = None
+            self.stats["deleted"] += 1
+            log.warning("%s was deleted remotely; open handles now fail with ENOENT",
+                        inode.key)
+            self._drop_listing(inode.parent_key)
+            return
+        if old is None or new.etag == old.etag:
+            inode.meta = new
+            return
+        if await self.store.proves_append(old, new):
+            self.cache.alias_nowait(inode.key, old.etag, new.etag, old.size)
+            inode.meta = new
+            self.stats["appends_followed"] += 1
+            log.debug("%s grew by an append: %d -> %d bytes", inode.key, old.size, new.size)
+            return
+        inode.gen_end[inode.gen] = stale(f"{inode.key} was replaced remotely")
+        inode.gen += 1
+        inode.meta = new
+        inode.kernel_etag = None
+        self.stats["replaced"] += 1
+        log.warning("%s was replaced remotely; open handles now fail with ESTALE", inode.key)
+        self._invalidate(inode.ino)
+
+    def _check(self, h: Handle) -> None:
+        inode = h.inode
+        if h.gen != inode.gen:
+            raise inode.gen_end[h.gen]
+
+    # --- directories ------------------------------------------------------------------
+    def _drop_listing(self, dir_key: str) -> None:
+        self._listings.pop(dir_key, None)
+
+    async def _list(self, inode: Inode) -> list[tuple[str, bool, ObjectMeta | None]]:
+        cached = self._listings.get(inode.key)
+        if cached is not None and trio.current_time() - cached.at < self.cfg.list_ttl:
+            return cached.entries
+        prefix = inode.key
+        dirs: dict[str, None] = {}
+        files: dict[str, ObjectMeta] = {}
+        token = None
+        while True:
+            page = await self.store.list(prefix, token=token)
+            for p in page.prefixes:
+                name = p[len(prefix):-1]
+                if valid_name(name):
+                    dirs[name] = None
+                else:
+                    self.inodes.warn_once(p, "not a valid path name")
+            for meta in page.objects:
+                name = meta.key[len(prefix):]
+                if name == "":
+                    continue  # this directory's own marker
+                if valid_name(name):
+                    files[name] = meta
+                else:
+                    self.inodes.warn_once(meta.key, "not a valid path name")
+            token = page.token
+            if token is None:
+                break
+        entries: list[tuple[str, bool, ObjectMeta | None]] = [(d, True, None) for d in dirs]
+        for name, meta in files.items():
+            if name in dirs:
+                self.inodes.warn_once(meta.key, "a file beside a directory of the same "
+                                      "name; the directory wins")
+                continue
+            entries.append((name, False, meta))
+        # Files created here and not committed yet are part of the directory too.
+        seen = set(files) | set(dirs)
+        for other in self.inodes:
+            if (not other.is_dir and other.writer is not None and other.writer.base is None
+                    and not other.writer.detached and other.parent_key == prefix):
+                name = other.key[len(prefix):]
+                if name not in seen:
+                    entries.append((name, False, None))
+        entries.sort()
+        self._listings[inode.key] = _Listing(trio.current_time(), entries)
+        return entries
+
+    async def readdir(self, ino: int) -> list[DirEntry]:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        out = []
+        for name, is_dir, meta in await self._list(inode):
+            child = self.inodes.ensure(inode.key + name + ("/" if is_dir else ""), is_dir, meta)
+            out.append(DirEntry(name, self._attr(child)))
+        return out
+
+    async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        self._writable()
+        parent = self._inode(parent_ino)
+        try:
+            await self._find(parent, name)
+            raise FsError(errno.EEXIST)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        key = self._child_key(parent, name) + "/"
+        try:
+            await put_bytes(self.store, key, b"", base=None, metadata={})
+        except PreconditionFailed:
+            raise FsError(errno.EEXIST) from None
+        self._drop_listing(parent.key)
+        inode = self.inodes.ensure(key, True)
+        inode.mtime = time.time()
+        inode.lookups += 1
+        return self._attr(inode)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._inode(parent_ino)
+        inode = await self._find(parent, name)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        page = await self.store.list(inode.key, limit=2)
+        if [o for o in page.objects if o.key != inode.key] or page.prefixes:
+            raise FsError(errno.ENOTEMPTY)
+        for other in self.inodes:
+            if other.writer is not None and other.writer.pending and \
+                    other.key.startswith(inode.key):
+                raise FsError(errno.ENOTEMPTY)
+        await self.store.delete(inode.key)
+        self._drop_listing(parent.key)
+        self._drop_listing(inode.key)
+        self.inodes.unlink_key(inode.key)
+
+    # --- files: open, create, release ------------------------------------------------
+    def _writable(self) -> None:
+        if self.cfg.read_only:
+            raise FsError(errno.EROFS, "read-only mount", logging.INFO)
+        if self.shutting_down:
+            raise FsError(errno.EROFS, "shutting down", logging.INFO)
+
+    def _new_handle(self, inode: Inode, flags: int) -> Handle:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        h = Handle(Fh(self._next_fh), inode, inode.gen, writable, bool(flags & os.O_APPEND))
+        self._next_fh += 1
+        self._handles[h.fh] = h
+        inode.open_count += 1
+        return h
+
+    def _writer(self, inode: Inode) -> FileWriter:
+        if inode.writer is None or inode.writer.detached:
+            inode.writer = FileWriter(
+                inode.key, inode.meta, self.spool.open_file(inode.key), self.store,
+                block_size=self.cfg.block_size, spawn=self._spawn,
+                stage_limiter=self._stage_limiter,
+            )
+        return inode.writer
+
+    async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
+        self._writable()
+        parent = self._inode(parent_ino)
+        key = self._child_key(parent, name)
+        inode = self.inodes.ensure(key, False)
+        existing = inode.meta
+        if existing is None:
+            try:
+                existing = await self.store.head(key)
+            except NotFound:
+                existing = None
+        if existing is not None:
+            inode.meta = existing
+        w = self._writer(inode)
+        if existing is not None:
+            await w.truncate(0)
+        inode.mtime = time.time()
+        inode.lookups += 1
+        inode.checked_at = trio.current_time()
+        self._drop_listing(parent.key)
+        h = self._new_handle(inode, flags)
+        self._arm_timer(inode)
+        return h.fh, self._attr(inode)
+
+    async def open(self, ino: int, flags: int) -> tuple[Fh, bool]:
+        """Open a file; returns (fh, keep_cache) where keep_cache says kernel pages are valid."""
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self._writable()
+        await self._refresh(inode)
+        if inode.meta is None and inode.writer is None:
+            raise FsError(errno.ENOENT, f"{inode.key} no longer exists")
+        if flags & os.O_TRUNC:
+            w = self._writer(inode)
+            await w.truncate(0)
+            inode.mtime = time.time()
+            self._arm_timer(inode)
+        h = self._new_handle(inode, flags)
+        etag = inode.meta.etag if inode.meta else None
+        keep = etag is not None and inode.kernel_etag == etag and inode.writer is None
+        inode.kernel_etag = etag
+        return h.fh, keep
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(Fh(fh), None)
+        if h is None:
+            return
+        inode = h.inode
+        inode.open_count -= 1
+        w = inode.writer
+        if w is not None and inode.open_count == 0 and not w.pending and w.error is None:
+            inode.writer = None
+            await w.discard()
+        self.inodes.maybe_drop(inode)
+
+    # --- reads ----------------------------------------------------------------------
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        inode = h.inode
+        self._check(h)
+        w = inode.writer
+        if w is not None and (w.pending or w.inflight is not None):
+            return await self._read_overlay(h, w, off, size)
+        await self._refresh(inode)
+        self._check(h)
+        for _ in range(5):
+            meta = inode.meta
+            if meta is None or off >= meta.size:
+                return b""
+            try:
+                return await self._read_version(h, meta, off, size)
+            except PreconditionFailed:
+                pass
+            except NotFound:
+                pass
+            await self._refresh(inode, force=True)
+            self._check(h)
+        raise FsError(errno.EIO, f"{inode.key} keeps changing under the reader")
+
+    async def _read_overlay(self, h: Handle, w: FileWriter, off: int, size: int) -> bytes:
+        parts = []
+        for kind, r in w.split_read(off, size):
+            if kind == "spool":
+                parts.append(await w.spool.read(r.off, r.size))
+            elif kind == "zero":
+                parts.append(bytes(r.size))
+            else:
+                meta = h.inode.meta or w.base
+                assert meta is not None
+                parts.append(await self._read_version(h, meta, r.off, r.size))
+        return b"".join(parts)
+
+    async def _read_version(self, h: Handle, meta: ObjectMeta, off: int, size: int) -> bytes:
+        """Bytes [off, off+size) of version `meta`, through the block cache.
+
+        Raises:
+            PreconditionFailed: `meta` is no longer the current version.
+        """
+        end = min(off + size, meta.size)
+        if end <= off:
+            return b""
+        first, last = off // CACHE_BLOCK, (end - 1) // CACHE_BLOCK
+        blocks: dict[int, bytes] = {}
+
+        def loader(block_no: int) -> Callable[[], Awaitable[None]]:
+            async def load() -> None:
+                blocks[block_no] = await self._block(meta, block_no)
+            return load
+
+        await _gather(*(loader(b) for b in range(first, last + 1)))
+        data = b"".join(blocks[b] for b in range(first, last + 1))
+        start = off - first * CACHE_BLOCK
+        self._read_ahead(h, meta, off, end)
+        return data[start : start + (end - off)]
+
+    async def _block(self, meta: ObjectMeta, block_no: int) -> bytes:
+        async def load() -> bytes:
+            return await self.store.read(meta.key, meta.etag, block_no * CACHE_BLOCK,
+                                         CACHE_BLOCK)
+        return await self.cache.fetch((meta.key, meta.etag, block_no), load)
+
+    def _read_ahead(self, h: Handle, meta: ObjectMeta, off: int, end: int) -> None:
+        """Grow the window on sequential reads and prefetch it in parallel (SPEC §3)."""
+        if off == h.last_end:
+            h.window = min(h.window * 2, self.cfg.readahead_max)
+        else:
+            h.window = CACHE_BLOCK
+        h.last_end = end
+        if h.window <= CACHE_BLOCK and off != 0:
+            return
+        ahead_end = min(meta.size, end + h.window)
+        for block_no in range((end - 1) // CACHE_BLOCK + 1, (ahead_end - 1) // CACHE_BLOCK + 1):
+            bkey = (meta.key, meta.etag, block_no)
+            if not self.cache.contains(bkey):
+                self._spawn(self._prefetch, meta, block_no)
+
+    async def _prefetch(self, meta: ObjectMeta, block_no: int) -> None:
+        try:
+            await self._block(meta, block_no)
+        except StoreError as exc:
+            log.debug("prefetch of %s block %d failed: %s", meta.key, block_no, exc)
+
+    # --- writes ---------------------------------------------------------------------
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self._handle(fh)
+        if not h.writable:
+            raise FsError(errno.EBADF, "handle not open for writing")
+        inode = h.inode
+        w = self._writer(inode)
+        if h.append:
+            off = w.size
+        try:
+            await w.write(off, data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise FsError(errno.ENOSPC, f"spool disk full writing {inode.key}",
+                              logging.ERROR) from exc
+            raise
+        inode.mtime = time.time()
+        self._arm_timer(inode)
+        return len(data)
+
+    async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None,
+                      fh: int | None = None) -> Attr:
+        inode = self._inode(ino)
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            self._writable()
+            await self._refresh(inode)
+            w = self._writer(inode)
+            if size != w.size:
+                await w.truncate(size)
+                inode.mtime = time.time()
+            if fh is None and inode.open_count == 0:
+                # truncate(2) on a path: no close will follow to commit it.
+                await self._commit(inode, wait=True)
+            else:
+                self._arm_timer(inode)
+        if mtime is not None:
+            # Times are not stored remotely; the version's time wins after a refresh.
+            inode.mtime = mtime
+        return self._attr(inode)
+
+    def _arm_timer(self, inode: Inode) -> None:
+        w = inode.writer
+        if w is None or w.timer_armed:
+            return
+        w.timer_armed = True
+        self._spawn(self._commit_timer, inode, w)
+
+    async def _commit_timer(self, inode: Inode, w: FileWriter) -> None:
+        """Commit every commit_interval while the file has pending data (SPEC §2)."""
+        try:
+            while w.pending and inode.writer is w:
+                await trio.sleep(self.cfg.commit_interval)
+                if not w.pending or inode.writer is not w:
+                    break
+                try:
+                    await self._commit(inode, wait=True)
+                except FsError:
+                    return  # kept pending; the error waits for the next flush or fsync
+        finally:
+            w.timer_armed = False
+        if inode.open_count == 0 and inode.writer is w and not w.pending and w.error is None:
+            inode.writer = None
+            await w.discard()
+            self.inodes.maybe_drop(inode)
+
+    async def _commit(self, inode: Inode, *, wait: bool) -> None:
+        w = inode.writer
+        if w is None or w.detached:
+            return
+        if not wait and w.error is None:
+            self._arm_timer(inode)
+            return
+        try:
+            await w.commit()
+        except FsError:
+            self.stats["commit_errors"] += 1
+            raise
+        if w.base is not None:
+            new_version = inode.meta is None or inode.meta.etag != w.base.etag
+            inode.meta = w.base
+            inode.checked_at = trio.current_time()
+            if new_version:
+                inode.kernel_etag = w.base.etag
+                self.stats["commits"] += 1
+        self._drop_listing(inode.parent_key)
+
+    async def flush(self, fh: int) -> None:
+        h = self._handle(fh)
+        if not h.writable or h.inode.writer is None:
+            return
+        await self._commit(h.inode, wait=self.cfg.close == "sync")
+
+    async def fsync(self, fh: int) -> None:
+        h = self._handle(fh)
+        await self._commit(h.inode, wait=True)
+
+    async def flush_all(self) -> list[str]:
+        """Commit everything pending (shutdown); return the keys that could not be."""
+        failed = []
+        for inode in self.inodes:
+            w = inode.writer
+            if w is None or not w.pending:
+                continue
+            try:
+                await self._commit(inode, wait=True)
+            except FsError as exc:
+                log.error("could not commit %s at shutdown: %s", inode.key, exc)
+                failed.append(inode.key)
+        return failed
+
+    # --- namespace changes -----------------------------------------------------------
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._inode(parent_ino)
+        inode = await self._find(parent, name)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        w = inode.writer
+        if w is None or w.base is not None or inode.meta is not None:
+            await self.store.delete(inode.key)
+        if w is not None:
+            inode.writer = None
+            await w.discard()
+        inode.meta = None
+        self.inodes.unlink_key(inode.key)
+        self._drop_listing(parent.key)
+        self.inodes.maybe_drop(inode)
+
+    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
+                     *, noreplace: bool = False, exchange: bool = False) -> None:
+        self._writable()
+        if exchange:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported", logging.INFO)
+        src_parent, dst_parent = self._inode(old_parent), self._inode(new_parent)
+        src = await self._find(src_parent, old_name)
+        if src.is_dir:
+            # Not atomic on a blob store; mv falls back to copy + delete on EXDEV.
+            raise FsError(errno.EXDEV, "directories are renamed by copying", logging.INFO)
+        dst_key = self._child_key(dst_parent, new_name)
+        try:
+            dst = await self._find(dst_parent, new_name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            dst = None
+        if dst is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if dst.is_dir:
+                raise FsError(errno.EISDIR)
+        await self._commit(src, wait=True)
+        meta = src.meta or await self.store.head(src.key)
+        stream = meta.stream or new_stream()
+        new_meta = await self.store.copy(meta, dst_key, {META_STREAM: stream})
+        await self.store.delete(src.key)
+        if dst is not None:
+            if dst.writer is not None:
+                await dst.writer.discard()
+                dst.writer = None
+            self.inodes.unlink_key(dst.key)
+        self.inodes.rekey(src, dst_key)
+        src.meta = new_meta
+        if src.writer is not None:
+            src.writer.key = dst_key
+            src.writer.base = new_meta
+        self._drop_listing(src_parent.key)
+        self._drop_listing(dst_parent.key)
+
+    async def link(self) -> None:
+        raise FsError(errno.EPERM, "hard links are not supported", logging.INFO)
+
+    # --- xattrs ---------------------------------------------------------------------
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        inode = self._inode(ino)
+        if inode.is_dir or name not in XATTRS:
+            raise FsError(errno.ENODATA)
+        await self._refresh(inode)
+        w = inode.writer
+        meta = inode.meta
+        if name == "user.blobfs.etag":
+            value = meta.etag if meta else ""
+        elif name == "user.blobfs.committed_size":
+            value = str(meta.size if meta else 0)
+        elif name == "user.blobfs.pending_bytes":
+            value = str(w.pending_bytes if w is not None and w.pending else 0)
+        else:
+            when = w.last_commit if w is not None and w.last_commit else (
+                meta.mtime if meta else None)
+            value = datetime.fromtimestamp(when, UTC).isoformat() if when else ""
+        return value.encode()
+
+    def listxattr(self, ino: int) -> list[str]:
+        inode = self._inode(ino)
+        return [] if inode.is_dir else list(XATTRS)
+
+    # --- status -----------------------------------------------------------------------
+    def pending_summary(self) -> tuple[int, int, float]:
+        """(open files, pending bytes, age in seconds of the oldest pending write)."""
+        pending = 0
+        oldest = 0.0
+        now = time.monotonic()
+        for inode in self.inodes:
+            w = inode.writer
+            if w is not None and w.pending:
+                pending += w.pending_bytes
+                if w.epoch.first_write_at:
+                    oldest = max(oldest, now - w.epoch.first_write_at)
+        return len(self._handles), pending, oldest
+
+
+async def _gather(*fns: Callable[[], Awaitable[None]]) -> None:
+    """Run `fns` concurrently; re-raise the first failure as itself, not as a group."""
+    if len(fns) == 1:
+        await fns[0]()
+        return
+    errors: list[BaseException] = []
+
+    async def run(fn: Callable[[], Awaitable[None]], cancel: trio.CancelScope) -> None:
+        try:
+            await fn()
+        except Exception as exc:
+            errors.append(exc)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for fn in fns:
+            nursery.start_soon(run, fn, nursery.cancel_scope)
+    if errors:
+        raise errors[0]
+
+
+async def _guarded(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Background work must never take the mount down: log bugs and carry on."""
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+
+
+__all__ = ["Attr", "DirEntry", "Filesystem", "ROOT_INO"]

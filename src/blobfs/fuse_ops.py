@@ -1,0 +1,242 @@
+"""The pyfuse3 adapter: the only `pyfuse3.Operations`, and the only place errors become errno.
+
+Each handler converts arguments, calls the core and converts the reply. Every exception
+is caught here: one escaping a handler would end pyfuse3's main loop and kill the mount.
+No policy lives here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from blobfs.errors import errno_for
+from blobfs.fs.core import Attr, DirEntry, Filesystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = 0
+    entry.entry_timeout = attr.timeout
+    entry.attr_timeout = attr.timeout
+    entry.st_mode = attr.mode
+    entry.st_nlink = 2 if attr.is_dir else 1
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = 0
+    entry.st_size = attr.size
+    entry.st_blksize = 1 << 20
+    entry.st_blocks = (attr.size + 511) // 512
+    ns = int(attr.mtime * 1e9)
+    entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
+    return entry
+
+
+def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Wrap a handler so every failure becomes a FUSEError, logged once with its cause."""
+
+    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def handler(self: FuseOps, *args: Any) -> T:
+            try:
+                return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as exc:
+                err, level = errno_for(exc)
+                bug = err == errno.EIO and not _known(exc)
+                if bug:
+                    log.error("%s%r failed with a bug", op, _brief(args), exc_info=True)
+                elif not (op == "lookup" and err == errno.ENOENT):
+                    log.log(level, "%s%r -> %s: %s", op, _brief(args),
+                            errno.errorcode.get(err, err), _chain(exc))
+                raise pyfuse3.FUSEError(err) from None
+
+        return handler
+
+    return wrap
+
+
+def _known(exc: BaseException) -> bool:
+    from blobfs.errors import BlobfsError
+
+    return isinstance(exc, BlobfsError | OSError)
+
+
+def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Keep request logs short: write buffers become their length.
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes | memoryview) and len(a) > 64
+                 else a for a in args if not isinstance(a, pyfuse3.RequestContext))
+
+
+def _chain(exc: BaseException) -> str:
+    parts = [f"{type(exc).__name__}: {exc}"]
+    cause = exc.__cause__
+    while cause is not None and len(parts) < 4:
+        parts.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__
+    return " <- ".join(parts)
+
+
+class FuseOps(pyfuse3.Operations):
+    # A byte write() acknowledged must already be in the daemon (SPEC §3).
+    enable_writeback_cache = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self._dirs: dict[int, list[DirEntry]] = {}
+        self._next_dir_fh = 1 << 40
+
+    @_translate("lookup")
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return _entry(await self.fs.lookup(parent_inode, _name(name)))
+
+    @_translate("getattr")
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return _entry(await self.fs.getattr(inode))
+
+    @_translate("setattr")
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> Any:
+        size = attr.st_size if fields.update_size else None
+        mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+        return _entry(await self.fs.setattr(inode, size=size, mtime=mtime, fh=fh))
+
+    def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            try:
+                self.fs.forget(ino, n)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, n)
+
+    @_translate("opendir")
+    async def opendir(self, inode: int, ctx: Any) -> Any:
+        entries = await self.fs.readdir(inode)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = entries
+        return fh
+
+    @_translate("readdir")
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            entry = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), _entry(entry.attr),
+                                         i + 1):
+                break
+            self.fs.remember(entry.attr.ino)
+
+    @_translate("releasedir")
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_translate("mkdir")
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        return _entry(await self.fs.mkdir(parent_inode, _name(name)))
+
+    @_translate("rmdir")
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, _name(name))
+
+    @_translate("create")
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> Any:
+        fh, attr = await self.fs.create_file(parent_inode, _name(name), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), _entry(attr)
+
+    @_translate("open")
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        fh, keep = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_translate("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @_translate("write")
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, bytes(buf))
+
+    @_translate("flush")
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_translate("fsync")
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_translate("release")
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @_translate("unlink")
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, _name(name))
+
+    @_translate("rename")
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        await self.fs.rename(
+            parent_inode_old, _name(name_old), parent_inode_new, _name(name_new),
+            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+            exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
+        )
+
+    @_translate("link")
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        await self.fs.link()
+
+    @_translate("mknod")
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_translate("symlink")
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_translate("statfs")
+    async def statfs(self, ctx: Any) -> Any:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 1 << 20
+        st.f_blocks = st.f_bfree = st.f_bavail = 1 << 30
+        st.f_files = st.f_ffree = st.f_favail = 1 << 30
+        st.f_namemax = 255
+        return st
+
+    @_translate("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return await self.fs.getxattr(inode, _name(name))
+        except Exception as exc:
+            if errno_for(exc)[0] == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_translate("listxattr")
+    async def listxattr(self, inode: int, ctx: Any) -> Any:
+        return [os.fsencode(n) for n in self.fs.listxattr(inode)]
+
+    @_translate("setxattr")
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    @_translate("removexattr")
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)

@@ -1,0 +1,1073 @@
+"""`s3://BUCKET[/PREFIX]`: the S3 adapter (boto3), for AWS and S3-compatible servers.
+
+This module owns the boto3 client, the translation of every S3/botocore failure into
+`blobfs.errors`, and the multipart layout planner that turns a commit (SPEC §2) into S3
+requests: one conditional `PutObject` below 5 MiB, otherwise a multipart upload that copies
+unchanged base ranges server-side (`UploadPartCopy`), uploads only new bytes
+(`UploadPart`), and publishes them atomically with a conditional
+`CompleteMultipartUpload`. Keys handed to and returned by `S3Store` are relative to the
+source's PREFIX.
+
+It must not know about FUSE, inodes, handles or the spool; the only thing it reads from
+the core is `PendingSource.read_pending`. Every SDK call runs in a worker thread through
+`store._blocking.Blocking`, which also owns retries: botocore's own retries are off.
+
+S3-compatible servers differ in how strictly they honour conditions. moto 5.2.5 ignores
+`If-Match` on `CompleteMultipartUpload` and `x-amz-copy-source-if-match` on
+`UploadPartCopy`/`CopyObject` and reports success. The real conditions are always sent
+(real S3 enforces them atomically); in addition a large commit does a HEAD of the base
+right before `CompleteMultipartUpload`, and `copy` a conditional HEAD of the source. Those
+checks are not atomic: on a server that ignores the headers a writer that slips in
+between HEAD and Complete still loses its update. See docs in the report of issue 3.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import trio
+
+from blobfs.config import StoreConfig
+from blobfs.errors import (
+    AccessDenied,
+    BadRequest,
+    NotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+    TransientError,
+    UsageError,
+)
+from blobfs.store._blocking import DEFAULT_LIMITS, Blocking
+from blobfs.store.base import (
+    PendingSource,
+    Range,
+    base_segments,
+    lineage_proves_append,
+)
+from blobfs.types import ETag, ListPage, ObjectMeta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MiB = 1 << 20
+GiB = 1 << 30
+#: S3's multipart limits: every part but the last is 5 MiB..5 GiB; at most 10,000 parts.
+MIN_PART = 5 * MiB
+MAX_PART = 5 * GiB
+MAX_PARTS = 10_000
+MAX_OBJECT = 5 * (1 << 40)
+#: Largest single PutObject / CopyObject.
+MAX_PUT = 5 * GiB
+#: Preferred size of a part we upload ourselves: bounded so a part fits in memory.
+PART_TARGET = 16 * MiB
+#: Parts of one commit sent at once (each holds up to a part of memory).
+PARALLEL_PARTS = 4
+#: How often a commit is redone after S3 reported a conflicting concurrent operation (409).
+MAX_REDO = 5
+#: Mount-time check: how long an unreachable endpoint is retried before giving up.
+CHECK_RETRY_TIMEOUT = 5.0
+#: Abort of a failed multipart upload: how long cleanup may hold up the failing commit.
+ABORT_TIMEOUT = 30.0
+
+_THROTTLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "TooManyRequestsException", "RequestThrottled",
+    "ProvisionedThroughputExceededException", "BandwidthLimitExceeded",
+}
+_TRANSIENT_CODES = {
+    "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+    "PriorRequestNotComplete", "OperationAborted", "ServerBusy", "500", "502", "503", "504",
+}
+_DENIED_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
+    "InvalidSecurity", "UnauthorizedAccess", "403",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+#: The upload vanished or S3 saw a conflicting concurrent conditional write: start over.
+_REDO_CODES = {"ConditionalRequestConflict", "NoSuchUpload"}
+
+
+class _Redo(StoreError):
+    """The multipart upload cannot be completed any more; the whole commit is redone.
+
+    Private to this module: `S3Upload.commit` turns it into a redo, every other caller into
+    `TransientError`, so it never crosses `store/base.py`.
+    """
+
+
+# --- error classification ----------------------------------------------------------------
+def classify(exc: BaseException) -> StoreError:
+    """Map anything boto3, botocore or urllib3 raised to a `blobfs.errors` store error.
+
+    Throttling and 5xx/408/resets/timeouts become `Throttled`/`TransientError` (retried by
+    `Blocking`); 404 `NotFound`; 403 and credential problems `AccessDenied`; 412
+    `PreconditionFailed`; `EntityTooLarge` `ObjectTooLarge`; everything else `BadRequest`.
+    """
+    # botocore is imported here, not at module level, only to keep import order obvious:
+    # this function only ever runs after a client exists.
+    import botocore.exceptions as bce
+
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bce.ClientError):
+        err = exc.response.get("Error", {}) or {}
+        code = str(err.get("Code", "") or "")
+        status = int((exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0))
+        op = getattr(exc, "operation_name", "") or "request"
+        msg = f"{op}: {code or status} {err.get('Message', '') or ''}".strip()
+        if code in _REDO_CODES:
+            return _Redo(msg)
+        if code in _THROTTLE_CODES or status == 429:
+            return Throttled(msg)
+        if code in _TRANSIENT_CODES or status >= 500 or status == 408:
+            return TransientError(msg)
+        if code == "EntityTooLarge" or status == 413:
+            return ObjectTooLarge(msg)
+        if code == "PreconditionFailed" or status == 412:
+            return PreconditionFailed(msg)
+        if code in _NOT_FOUND_CODES or status == 404:
+            return NotFound(msg)
+        if code in _DENIED_CODES or status in (401, 403):
+            return AccessDenied(msg)
+        if status == 409:
+            # Other 409s (a bucket operation in progress, ...) settle on their own.
+            return TransientError(msg)
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed") or status == 301:
+            region = (exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}).get(
+                "x-amz-bucket-region", "another region")
+            return BadRequest(f"{msg}: the bucket is in {region}; set AWS_REGION={region}")
+        return BadRequest(msg)
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError
+                  | bce.CredentialRetrievalError):
+        return AccessDenied(
+            f"no usable AWS credentials ({exc}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
+        )
+    if isinstance(exc, bce.HTTPClientError | bce.ConnectionError | bce.ResponseStreamingError
+                  | bce.IncompleteReadError):
+        # Connection refused/reset, timeouts, truncated bodies: the network, not the request.
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, bce.BotoCoreError):
+        return BadRequest(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError | EOFError):
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    try:
+        import urllib3.exceptions
+
+        if isinstance(exc, urllib3.exceptions.HTTPError):
+            return TransientError(f"{type(exc).__name__}: {exc}")
+    except ImportError:  # pragma: no cover - botocore depends on urllib3
+        pass
+    return BadRequest(f"unexpected {type(exc).__name__} from the S3 client: {exc}")
+
+
+# --- the layout planner (pure) ------------------------------------------------------------
+@dataclass(frozen=True)
+class StagedPart:
+    """A part uploaded by `stage` before the commit: bytes [off, off+size) as `number`."""
+
+    off: int
+    size: int
+    number: int
+    etag: str
+
+    @property
+    def end(self) -> int:
+        return self.off + self.size
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the final multipart layout.
+
+    `source` is "copy" (UploadPartCopy of the base's bytes at `range`), "upload" (UploadPart
+    of `pieces`, each ("dirty" | "base" | "zero", Range), concatenated) or "staged" (already
+    uploaded by `stage`; `staged` says which).
+    """
+
+    number: int
+    range: Range
+    source: str
+    pieces: tuple[tuple[str, Range], ...] = ()
+    staged: StagedPart | None = None
+
+
+def part_target(size: int) -> int:
+    """Size of the parts we upload ourselves for an object of `size` bytes.
+
+    Grows past PART_TARGET only when 10,000 parts of PART_TARGET would not hold the object.
+    """
+    return min(MAX_PART, max(PART_TARGET, -(-size // (MAX_PARTS - 1000))))
+
+
+def part_number_for(off: int, base_size: int) -> int:
+    """The part number a part starting at `off` gets when it is staged early.
+
+    Every part but the last is at least MIN_PART long, so past the base's end (where an
+    append stream stages its blocks) numbering by MIN_PART granules keeps any valid final
+    layout ascending, with room for the parts between staged ones. Below the base's end a
+    coarser granule leaves at most ~2,000 numbers to the copies of the base, so appends to
+    a huge blob still have ~8,000 numbers (~39 GiB of new data) to stage into.
+    """
+    granule = max(MIN_PART, -(-base_size // 2000))
+    return 1 + min(off, base_size) // granule + max(0, off - base_size) // MIN_PART
+
+
+def split_copy(r: Range) -> list[Range]:
+    """Split a base range of at least MIN_PART into as few near-equal copy parts as fit."""
+    n = -(-r.size // MAX_PART)
+    out = []
+    pos = r.off
+    for i in range(n):
+        size = r.size // n + (1 if i < r.size % n else 0)
+        out.append(Range(pos, size))
+        pos += size
+    return out
+
+
+def _clip(segments: Sequence[tuple[str, Range]], start: int, end: int) -> list[tuple[str, Range]]:
+    out = []
+    for kind, r in segments:
+        lo, hi = max(r.off, start), min(r.end, end)
+        if lo < hi:
+            out.append((kind, Range(lo, hi - lo)))
+    return out
+
+
+def _merge_pieces(pieces: Sequence[tuple[str, Range]]) -> tuple[tuple[str, Range], ...]:
+    out: list[tuple[str, Range]] = []
+    for kind, r in pieces:
+        if out and out[-1][0] == kind and out[-1][1].end == r.off:
+            out[-1] = (kind, Range(out[-1][1].off, out[-1][1].size + r.size))
+        else:
+            out.append((kind, r))
+    return tuple(out)
+
+
+def _upload_part(pieces: Sequence[tuple[str, Range]]) -> Part:
+    merged = _merge_pieces(pieces)
+    start, end = merged[0][1].off, merged[-1][1].end
+    return Part(0, Range(start, end - start), "upload", merged)
+
+
+def _partition(segments: Sequence[tuple[str, Range]], final: bool, target: int) -> list[Part]:
+    """Cut one region between staged parts into copy and upload parts.
+
+    Base runs of at least MIN_PART are copied server-side; everything else is uploaded,
+    merged with neighbours (reading base bytes) until each part but a `final` region's last
+    reaches MIN_PART. A non-final region is empty or at least MIN_PART long.
+    """
+    parts: list[Part] = []
+    acc: list[tuple[str, Range]] = []
+    acc_size = 0
+
+    def flush() -> None:
+        nonlocal acc, acc_size
+        if acc:
+            parts.append(_upload_part(acc))
+            acc, acc_size = [], 0
+
+    def add(kind: str, r: Range) -> None:
+        nonlocal acc_size
+        pos = r.off
+        while pos < r.end:
+            n = min(r.end - pos, target - acc_size)
+            acc.append((kind, Range(pos, n)))
+            acc_size += n
+            pos += n
+            if acc_size >= target:
+                flush()
+
+    for kind, r in segments:
+        if kind == "base" and r.size >= MIN_PART:
+            if 0 < acc_size < MIN_PART:
+                need = MIN_PART - acc_size
+                if r.size - need >= MIN_PART:
+                    add("base", Range(r.off, need))
+                    flush()
+                    r = Range(r.off + need, r.size - need)
+                else:
+                    add("base", r)
+                    continue
+            flush()
+            parts.extend(Part(0, c, "copy") for c in split_copy(r))
+        else:
+            add(kind, r)
+    if acc_size and not final and acc_size < MIN_PART:
+        # A short tail before a staged part: take bytes back from the part before it.
+        need = MIN_PART - acc_size
+        prev = parts.pop()
+        if prev.source == "copy" and prev.range.size - need >= MIN_PART:
+            parts.append(Part(0, Range(prev.range.off, prev.range.size - need), "copy"))
+            acc = [("base", Range(prev.range.end - need, need)), *acc]
+        else:
+            head = [("base", prev.range)] if prev.source == "copy" else list(prev.pieces)
+            acc = head + acc
+        acc_size = sum(r.size for _, r in acc)
+    flush()
+    return parts
+
+
+def _staged_usable(s: StagedPart, dirty: Sequence[Range], size: int) -> bool:
+    if s.end > size or s.size > MAX_PART or (s.size < MIN_PART and s.end != size):
+        return False
+    # Staged bytes are only the new content where the caller still calls the range dirty.
+    return any(d.off <= s.off and s.end <= d.end for d in dirty)
+
+
+def plan_parts(
+    size: int,
+    segments: Sequence[tuple[str, Range]],
+    staged: Sequence[StagedPart] = (),
+    *,
+    target: int | None = None,
+) -> list[Part]:
+    """The multipart layout of a new version of `size` bytes (size >= MIN_PART).
+
+    Args:
+        size: the new version's size.
+        segments: `base_segments(size, dirty, base_size)`.
+        staged: parts uploaded early; each is used if the layout around it can still keep
+            every other part >= MIN_PART and the part numbers ascending, else re-sent.
+        target: size of the parts uploaded from pending or base bytes.
+
+    Returns:
+        Parts in offset order, covering [0, size), numbered ascending (maybe sparsely).
+
+    Raises:
+        ObjectTooLarge: the layout needs more than 10,000 parts.
+    """
+    target = target or part_target(size)
+    dirty = [r for kind, r in segments if kind == "dirty"]
+    candidates = sorted((s for s in staged if _staged_usable(s, dirty, size)),
+                        key=lambda s: (s.off, s.number))
+    while True:
+        chosen: list[StagedPart] = []
+        pos = 0
+        for s in candidates:
+            gap = s.off - pos
+            if gap == 0 or gap >= MIN_PART:
+                chosen.append(s)
+                pos = s.end
+        layout: list[Part] = []
+        pos = 0
+        for s in chosen:
+            layout += _partition(_clip(segments, pos, s.off), False, target)
+            layout.append(Part(s.number, Range(s.off, s.size), "staged", staged=s))
+            pos = s.end
+        layout += _partition(_clip(segments, pos, size), True, target)
+        numbered: list[Part] = []
+        last = 0
+        conflict: StagedPart | None = None
+        for p in layout:
+            if p.staged is not None:
+                if p.number <= last:
+                    conflict = p.staged
+                    break
+                last = p.number
+                numbered.append(p)
+            else:
+                last += 1
+                numbered.append(replace(p, number=last))
+        if conflict is not None:
+            candidates.remove(conflict)
+            continue
+        if last > MAX_PARTS:
+            if candidates:
+                candidates = []
+                continue
+            raise ObjectTooLarge(f"a layout of {size} bytes needs {last} parts (max {MAX_PARTS})")
+        return numbered
+
+
+def multipart_etag(part_etags: Sequence[str]) -> str | None:
+    """The ETag S3 gives an object completed from parts with these ETags (None: unknown)."""
+    try:
+        digest = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+    except ValueError:
+        return None  # SSE-KMS and some servers use non-MD5 part ETags
+    return f'"{hashlib.md5(digest).hexdigest()}-{len(part_etags)}"'
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _lower(metadata: Mapping[str, str]) -> dict[str, str]:
+    # S3 returns user metadata names lower-cased; commit results must look like `head`.
+    return {k.lower(): v for k, v in metadata.items()}
+
+
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _response_time(resp: Mapping[str, Any]) -> float:
+    """The server's Date header (≈ LastModified, which commit responses do not carry)."""
+    date = (resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}).get("date")
+    if date:
+        try:
+            return email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            pass
+    return time.time()
+
+
+def _meta_from(key: str, resp: Mapping[str, Any]) -> ObjectMeta:
+    return ObjectMeta(
+        key=key,
+        size=int(resp.get("ContentLength", resp.get("Size", 0))),
+        etag=ETag(resp["ETag"]),
+        mtime=resp["LastModified"].timestamp(),
+        metadata=dict(resp.get("Metadata", {}) or {}),
+    )
+
+
+@dataclass
+class _Multipart:
+    """A multipart upload in flight and the metadata it was created with."""
+
+    upload_id: str
+    metadata: dict[str, str]
+    staged: dict[int, StagedPart] = field(default_factory=dict)
+
+
+# --- the upload ------------------------------------------------------------------------------
+class S3Upload:
+    """One new version of one key: PutObject below 5 MiB, else a multipart upload.
+
+    Staged blocks become parts of a multipart upload created with the metadata the commit is
+    expected to carry (the hint given to `begin_upload`, else the base's metadata: appends
+    keep their lineage). A commit with other metadata, or a layout that cannot use a staged
+    part, re-sends those bytes from the source.
+    """
+
+    def __init__(self, store: S3Store, key: str, base: ObjectMeta | None,
+                 source: PendingSource, metadata_hint: Mapping[str, str] | None) -> None:
+        self.key = key
+        self.base = base
+        self._store = store
+        self._source = source
+        if metadata_hint is not None:
+            self._expected_meta: dict[str, str] | None = _lower(metadata_hint)
+        elif base is not None:
+            self._expected_meta = _lower(base.metadata)
+        else:
+            # A new key's lineage id is unknown until commit: staging early would only
+            # upload bytes twice.
+            self._expected_meta = None
+        self._mpu: _Multipart | None = None
+        self._mpu_lock = trio.Lock()
+        self._base_size = base.size if base else 0
+
+    @property
+    def upload_id(self) -> str | None:
+        """The multipart upload holding staged parts, if any (for the spool and tests)."""
+        return self._mpu.upload_id if self._mpu else None
+
+    # --- staging ---------------------------------------------------------------------------
+    async def stage(self, off: int, data: bytes) -> None:
+        """Upload `data` as a part now if it can be one; else keep nothing (read at commit).
+
+        Raises:
+            StoreError: the upload failed (the bytes are then read from the source).
+        """
+        mpu = self._mpu
+        if mpu is not None:
+            mpu.staged.pop(off, None)
+        number = part_number_for(off, self._base_size)
+        if (
+            not self._store.stage_early
+            or self._expected_meta is None
+            or not MIN_PART <= len(data) <= MAX_PART
+            or number > MAX_PARTS
+        ):
+            await trio.lowlevel.checkpoint()
+            return
+        mpu = await self._ensure_mpu(self._expected_meta)
+        for other in [s for s in mpu.staged.values() if s.number == number]:
+            del mpu.staged[other.off]  # that part is about to be overwritten
+        try:
+            resp = await self._store._call(
+                "write", "upload_part", Key=self._store._full(self.key),
+                UploadId=mpu.upload_id, PartNumber=number, Body=bytes(data), _md5=True,
+            )
+        except _Redo:
+            # The upload vanished (expired, aborted elsewhere): keep nothing, so the
+            # commit reads these bytes from the source into a new upload.
+            if self._mpu is mpu:
+                self._mpu = None
+            return
+        if self._mpu is mpu:
+            mpu.staged[off] = StagedPart(off, len(data), number, resp["ETag"])
+
+    def discard_nowait(self, off: int) -> None:
+        """Forget the part staged at `off`; the commit will not list it (S3 drops it)."""
+        if self._mpu is not None:
+            self._mpu.staged.pop(off, None)
+
+    async def _ensure_mpu(self, metadata: dict[str, str]) -> _Multipart:
+        async with self._mpu_lock:
+            if self._mpu is not None and self._mpu.metadata == metadata:
+                return self._mpu
+            await self._drop_mpu()
+            resp = await self._store._call(
+                "write", "create_multipart_upload", Key=self._store._full(self.key),
+                Metadata=metadata,
+            )
+            self._mpu = _Multipart(resp["UploadId"], dict(metadata))
+            return self._mpu
+
+    async def _drop_mpu(self) -> None:
+        """Abort the multipart upload, if any, ignoring failures (cleanup must not mask)."""
+        mpu, self._mpu = self._mpu, None
+        if mpu is None:
+            return
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + ABORT_TIMEOUT):
+            try:
+                await self._store._call(
+                    "write", "abort_multipart_upload", Key=self._store._full(self.key),
+                    UploadId=mpu.upload_id,
+                )
+            except (NotFound, _Redo):
+                pass  # already gone: completed, aborted or expired
+            except StoreError as exc:
+                log.warning("could not abort multipart upload of %s (%s); a bucket "
+                            "lifecycle rule must clean it up", self.key, exc)
+
+    # --- commit ----------------------------------------------------------------------------
+    async def commit(self, size: int, dirty: Sequence[Range],
+                     metadata: Mapping[str, str]) -> ObjectMeta:
+        """Publish the new version atomically, conditional on `base` (SPEC §2).
+
+        Blocks no thread of the caller; checkpoints. On failure the multipart upload is
+        aborted and staged parts are forgotten, so a later commit re-sends from the source.
+
+        Raises:
+            PreconditionFailed: the key moved on (or appeared) since `base`.
+            ObjectTooLarge: over S3's object or part-count limits.
+            StoreError: any other failure, after retries.
+        """
+        if size > MAX_OBJECT:
+            raise ObjectTooLarge(f"{self.key}: {size} bytes is over S3's 5 TiB limit")
+        meta = _lower(metadata)
+        try:
+            for attempt in range(1, MAX_REDO + 1):
+                try:
+                    return await self._commit_once(size, dirty, meta)
+                except _Redo as exc:
+                    # The upload is gone (409 ConditionalRequestConflict, NoSuchUpload):
+                    # S3 wants a new multipart upload with every part sent again.
+                    log.info("commit of %s redone (attempt %d): %s", self.key, attempt, exc)
+                    await self._drop_mpu()
+            raise StoreUnavailable(f"{self.key}: commit kept conflicting with other writers")
+        except BaseException:
+            await self._drop_mpu()
+            raise
+
+    async def _commit_once(self, size: int, dirty: Sequence[Range],
+                           meta: dict[str, str]) -> ObjectMeta:
+        base_size = self.base.size if self.base else 0
+        segments = base_segments(size, dirty, base_size)
+        if size < MIN_PART:
+            await self._drop_mpu()
+            return await self._put(await self._assemble(segments), meta)
+        mpu = self._mpu
+        staged = list(mpu.staged.values()) if mpu and mpu.metadata == meta else []
+        parts = plan_parts(size, segments, staged)
+        if len(parts) == 1 and parts[0].source == "upload":
+            await self._drop_mpu()
+            return await self._put(await self._assemble(parts[0].pieces), meta)
+        mpu = await self._ensure_mpu(meta)
+        etags = await self._send_parts(mpu, parts)
+        await self._check_base()
+        return await self._complete(mpu, parts, etags, size, meta)
+
+    async def _assemble(self, pieces: Sequence[tuple[str, Range]]) -> bytes:
+        chunks: list[bytes] = []
+        for kind, r in pieces:
+            if kind == "dirty":
+                data = await self._source.read_pending(r.off, r.size)
+                if len(data) != r.size:
+                    raise BadRequest(f"{self.key}: source gave {len(data)} of {r.size} bytes")
+            elif kind == "base":
+                assert self.base is not None
+                data = await self._store.read(self.key, self.base.etag, r.off, r.size)
+                if len(data) != r.size:
+                    raise PreconditionFailed(f"{self.key}: base {self.base.etag} is shorter")
+            else:
+                data = bytes(r.size)
+            chunks.append(data)
+        return b"".join(chunks)
+
+    async def _send_parts(self, mpu: _Multipart, parts: Sequence[Part]) -> dict[int, str]:
+        etags: dict[int, str] = {p.number: p.staged.etag for p in parts if p.staged}
+        todo = [p for p in parts if p.staged is None]
+        full_key = self._store._full(self.key)
+        limiter = trio.CapacityLimiter(PARALLEL_PARTS)
+
+        async def send(p: Part) -> None:
+            async with limiter:
+                if p.source == "copy":
+                    assert self.base is not None
+                    resp = await self._store._call(
+                        "write", "upload_part_copy", Key=full_key, UploadId=mpu.upload_id,
+                        PartNumber=p.number,
+                        CopySource={"Bucket": self._store.bucket, "Key": full_key},
+                        CopySourceRange=f"bytes={p.range.off}-{p.range.end - 1}",
+                        CopySourceIfMatch=self.base.etag,
+                    )
+                    etags[p.number] = resp["CopyPartResult"]["ETag"]
+                else:
+                    data = await self._assemble(p.pieces)
+                    resp = await self._store._call(
+                        "write", "upload_part", Key=full_key, UploadId=mpu.upload_id,
+                        PartNumber=p.number, Body=data, _md5=True,
+                    )
+                    etags[p.number] = resp["ETag"]
+
+        await _run_all([lambda p=p: send(p) for p in todo])
+        return etags
+
+    async def _check_base(self) -> None:
+        """HEAD the base before completing: servers that ignore If-Match (moto) get caught.
+
+        Not atomic (a writer can slip in after it); real S3 enforces If-Match itself.
+        """
+        if self.base is None:
+            return  # If-None-Match on Complete is honoured even by moto
+        try:
+            await self._store._call("meta", "head_object", Key=self._store._full(self.key),
+                                    IfMatch=self.base.etag, _idempotent=True)
+        except NotFound:
+            raise PreconditionFailed(f"{self.key} was deleted since {self.base.etag}") from None
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{self.key} moved on from {self.base.etag}") from None
+
+    def _condition(self) -> dict[str, str]:
+        return {"IfMatch": self.base.etag} if self.base else {"IfNoneMatch": "*"}
+
+    async def _complete(self, mpu: _Multipart, parts: Sequence[Part], etags: Mapping[int, str],
+                        size: int, meta: dict[str, str]) -> ObjectMeta:
+        listed = [{"PartNumber": p.number, "ETag": etags[p.number]} for p in parts]
+        try:
+            resp = await self._store._call(
+                "write", "complete_multipart_upload", Key=self._store._full(self.key),
+                UploadId=mpu.upload_id, MultipartUpload={"Parts": listed}, **self._condition(),
+            )
+        except PreconditionFailed:
+            landed = await self._landed(multipart_etag([e["ETag"] for e in listed]), size, meta)
+            if landed is None:
+                raise
+            resp = landed
+        self._mpu = None  # completed: nothing left to abort
+        return ObjectMeta(self.key, size, ETag(resp["ETag"]), _response_time(resp), meta)
+
+    async def _put(self, data: bytes, meta: dict[str, str]) -> ObjectMeta:
+        try:
+            resp = await self._store._call(
+                "write", "put_object", Key=self._store._full(self.key), Body=data,
+                Metadata=meta, _md5=True, **self._condition(),
+            )
+        except PreconditionFailed:
+            expected = f'"{hashlib.md5(data).hexdigest()}"'
+            landed = await self._landed(expected, len(data), meta)
+            if landed is None:
+                raise
+            resp = landed
+        return ObjectMeta(self.key, len(data), ETag(resp["ETag"]), _response_time(resp), meta)
+
+    async def _landed(self, expected_etag: str | None, size: int,
+                      meta: dict[str, str]) -> dict[str, Any] | None:
+        """After a 412: whether the current version is exactly what this commit wrote.
+
+        A request whose response was lost is retried by `Blocking`; the retry then fails its
+        own condition although the first attempt succeeded. Without this check the caller
+        would see a conflict with itself (and a rebase would append its bytes twice).
+        """
+        if expected_etag is None:
+            return None
+        try:
+            head = await self._store._call("meta", "head_object",
+                                           Key=self._store._full(self.key), _idempotent=True)
+        except NotFound:
+            return None
+        same = (head["ETag"] == expected_etag and int(head["ContentLength"]) == size
+                and _lower(head.get("Metadata", {}) or {}) == meta)
+        return dict(head) if same else None
+
+    async def abort(self) -> None:
+        """Abort the multipart upload, if any. Idempotent; failures are only logged."""
+        await self._drop_mpu()
+
+
+async def _run_all(fns: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run every fn concurrently; on the first failure cancel the rest and raise it bare.
+
+    Plain nurseries wrap errors in ExceptionGroups, which callers of a store do not expect.
+    """
+    failure: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(fn: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await fn()
+            except Exception as exc:
+                if not failure:
+                    failure.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for fn in fns:
+            nursery.start_soon(one, fn)
+    if failure:
+        raise failure[0]
+
+
+# --- the store -------------------------------------------------------------------------------
+class S3Store:
+    """An S3 bucket (or a prefix of one) as an `ObjectStore`. Keys are relative to the prefix."""
+
+    def __init__(self, bucket: str, prefix: str, cfg: StoreConfig, *,
+                 endpoint: str | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = endpoint
+        where = f" at {_redact_url(endpoint)}" if endpoint else ""
+        self.display = f"s3://{bucket}/{prefix}{where}"
+        self.limits = dict(DEFAULT_LIMITS)
+        self._blocking = Blocking(classify, retry_timeout=cfg.retry_timeout, limits=self.limits)
+        self._check_blocking = Blocking(
+            classify, retry_timeout=min(cfg.retry_timeout, CHECK_RETRY_TIMEOUT),
+            limits={"meta": 1},
+        )
+        #: S3 parts must be >= 5 MiB; smaller blocks are read from the source at commit.
+        self.stage_early = cfg.block_size >= MIN_PART
+        self._client_obj: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def retries(self) -> int:
+        """Transient failures retried so far (status, metrics, tests)."""
+        return self._blocking.retries
+
+    # --- the client and the thread boundary --------------------------------------------
+    def _client(self) -> Any:
+        """The one boto3 client, built on first use in a worker thread (it reads config
+        files and may query credential providers, so never on the trio thread)."""
+        with self._client_lock:
+            if self._client_obj is None:
+                import boto3
+                from botocore.config import Config
+
+                session = boto3.session.Session()
+                config = Config(
+                    region_name=session.region_name or "us-east-1",
+                    signature_version="s3v4",
+                    s3={"addressing_style": "path"} if self.endpoint else {},
+                    # `_blocking` owns retries, with one deadline for all of them.
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    max_pool_connections=sum(self.limits.values()) + 2,
+                    connect_timeout=10,
+                    read_timeout=120,
+                    tcp_keepalive=True,
+                    # Trailing aws-chunked checksums are not understood by many S3-compatible
+                    # servers; bodies carry Content-MD5 instead.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
+                self._client_obj = session.client("s3", endpoint_url=self.endpoint,
+                                                  config=config)
+            return self._client_obj
+
+    async def _call(self, kind: str, op: str, *, _idempotent: bool = False,
+                    _md5: bool = False, _blocking: Blocking | None = None,
+                    **kwargs: Any) -> Any:
+        """Run one boto3 operation `op` with Bucket=self.bucket in a worker thread.
+
+        Raises:
+            StoreError: classified by `classify`, after `Blocking`'s retries.
+        """
+        def run() -> Any:
+            args = dict(kwargs)
+            if _md5:
+                args["ContentMD5"] = _md5_b64(args["Body"])
+            return getattr(self._client(), op)(Bucket=self.bucket, **args)
+
+        run.__name__ = f"s3.{op}"
+        return await (_blocking or self._blocking).call(kind, run, idempotent=_idempotent)
+
+    def _full(self, key: str) -> str:
+        return self.prefix + key
+
+    # --- the protocol ---------------------------------------------------------------------
+    async def check(self) -> None:
+        """List one key to prove the bucket exists and the credentials work.
+
+        Retries an unreachable endpoint only briefly: this runs at mount, where a one-line
+        error beats a minute of silence.
+
+        Raises:
+            NotFound: the bucket does not exist.
+            AccessDenied: bad or missing credentials, or no permission to list.
+            StoreUnavailable: the endpoint cannot be reached.
+        """
+        try:
+            await self._call("meta", "list_objects_v2", Prefix=self.prefix, MaxKeys=1,
+                             _idempotent=True, _blocking=self._check_blocking)
+        except NotFound as exc:
+            raise NotFound(f"bucket '{self.bucket}' does not exist ({exc}): create it or "
+                           "fix the source URL") from None
+        except AccessDenied as exc:
+            raise AccessDenied(f"access to bucket '{self.bucket}' denied ({exc}): check the "
+                               "AWS credentials and the bucket policy") from None
+        except (StoreUnavailable, TransientError, Throttled) as exc:
+            where = _redact_url(self.endpoint) if self.endpoint else "AWS S3"
+            raise StoreUnavailable(f"cannot reach {where} ({exc}): check -o endpoint= and "
+                                   "the network") from None
+
+    async def head(self, key: str) -> ObjectMeta:
+        """The current version of `key` (checkpoints).
+
+        Raises:
+            NotFound: no such key.
+        """
+        try:
+            resp = await self._call("meta", "head_object", Key=self._full(key), _idempotent=True)
+        except NotFound:
+            raise NotFound(key) from None
+        return _meta_from(key, resp)
+
+    async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        """Ranged GET of version `etag` (If-Match); b"" at or past the end.
+
+        Raises:
+            PreconditionFailed: `etag` is not current.
+            NotFound: the key is gone.
+        """
+        if size <= 0:
+            await self._verify(key, etag)
+            return b""
+        full = self._full(key)
+
+        def run() -> bytes | None:
+            from botocore.exceptions import ClientError
+
+            try:
+                resp = self._client().get_object(
+                    Bucket=self.bucket, Key=full, IfMatch=etag,
+                    Range=f"bytes={off}-{off + size - 1}",
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return None
+                raise
+            with resp["Body"] as body:
+                return body.read()
+
+        run.__name__ = "s3.get_object"
+        try:
+            data = await self._blocking.call("read", run, idempotent=True)
+        except NotFound:
+            raise NotFound(key) from None
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{key}: {etag} is not current") from None
+        if data is None:
+            # 416: at or past the end (or an empty object). The range said nothing about
+            # the version, so make sure it still is `etag`.
+            await self._verify(key, etag)
+            return b""
+        return data
+
+    async def _verify(self, key: str, etag: ETag) -> None:
+        try:
+            await self._call("meta", "head_object", Key=self._full(key), IfMatch=etag,
+                             _idempotent=True)
+        except NotFound:
+            raise NotFound(key) from None
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{key}: {etag} is not current") from None
+
+    async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
+                   limit: int = 1000) -> ListPage:
+        """One ListObjectsV2 page under `prefix` (relative keys, `token` to continue).
+
+        Raises:
+            NotFound: the bucket is gone.
+        """
+        kwargs: dict[str, Any] = {"Prefix": self._full(prefix), "MaxKeys": max(1, limit)}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if token:
+            kwargs["ContinuationToken"] = token
+        resp = await self._call("meta", "list_objects_v2", _idempotent=True, **kwargs)
+        cut = len(self.prefix)
+        objects = [
+            ObjectMeta(c["Key"][cut:], int(c["Size"]), ETag(c["ETag"]),
+                       c["LastModified"].timestamp(), {})
+            for c in resp.get("Contents", []) or []
+            # The prefix's own "dir/" marker is the mount root, not an entry in it.
+            if c["Key"].startswith(self.prefix) and len(c["Key"]) > cut
+        ]
+        prefixes = [p["Prefix"][cut:] for p in resp.get("CommonPrefixes", []) or []
+                    if p["Prefix"].startswith(self.prefix)]
+        more = resp.get("IsTruncated") and resp.get("NextContinuationToken")
+        return ListPage(objects, prefixes, resp["NextContinuationToken"] if more else None)
+
+    async def delete(self, key: str) -> None:
+        """DeleteObject; deleting a missing key succeeds.
+
+        Raises:
+            NotFound: the bucket is gone.
+        """
+        await self._call("write", "delete_object", Key=self._full(key))
+
+    async def copy(self, src: ObjectMeta, dst_key: str,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        """Server-side copy of version `src` to `dst_key` with `metadata` (REPLACE).
+
+        Raises:
+            PreconditionFailed: `src` is no longer current.
+            NotFound: `src` is gone.
+        """
+        meta = _lower(metadata)
+        # moto ignores x-amz-copy-source-if-match: check first (not atomic), send it anyway.
+        await self._verify(src.key, src.etag)
+        source = {"Bucket": self.bucket, "Key": self._full(src.key)}
+        try:
+            if src.size <= MAX_PUT:
+                resp = await self._call(
+                    "write", "copy_object", Key=self._full(dst_key), CopySource=source,
+                    CopySourceIfMatch=src.etag, MetadataDirective="REPLACE", Metadata=meta,
+                )
+                result = resp["CopyObjectResult"]
+                return ObjectMeta(dst_key, src.size, ETag(result["ETag"]),
+                                  result["LastModified"].timestamp(), meta)
+            return await self._copy_multipart(src, dst_key, meta)
+        except NotFound:
+            raise NotFound(src.key) from None
+        except PreconditionFailed:
+            raise PreconditionFailed(f"{src.key}: {src.etag} is not current") from None
+
+    async def _copy_multipart(self, src: ObjectMeta, dst_key: str,
+                              meta: dict[str, str]) -> ObjectMeta:
+        full_dst = self._full(dst_key)
+        resp = await self._call("write", "create_multipart_upload", Key=full_dst, Metadata=meta)
+        upload_id = resp["UploadId"]
+        try:
+            etags: dict[int, str] = {}
+
+            async def one(number: int, r: Range) -> None:
+                resp = await self._call(
+                    "write", "upload_part_copy", Key=full_dst, UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": self._full(src.key)},
+                    CopySourceRange=f"bytes={r.off}-{r.end - 1}", CopySourceIfMatch=src.etag,
+                )
+                etags[number] = resp["CopyPartResult"]["ETag"]
+
+            ranges = split_copy(Range(0, src.size))
+            await _run_all([lambda n=n, r=r: one(n, r) for n, r in enumerate(ranges, 1)])
+            await self._verify(src.key, src.etag)
+            done = await self._call(
+                "write", "complete_multipart_upload", Key=full_dst, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
+                                           for n in sorted(etags)]},
+            )
+        except _Redo as exc:
+            await self._abort_quiet(full_dst, upload_id)
+            raise TransientError(str(exc)) from None
+        except BaseException:
+            await self._abort_quiet(full_dst, upload_id)
+            raise
+        return ObjectMeta(dst_key, src.size, ETag(done["ETag"]), _response_time(done), meta)
+
+    async def _abort_quiet(self, full_key: str, upload_id: str) -> None:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + ABORT_TIMEOUT):
+            try:
+                await self._call("write", "abort_multipart_upload", Key=full_key,
+                                 UploadId=upload_id)
+            except StoreError as exc:
+                log.warning("could not abort multipart upload of %s: %s", full_key, exc)
+
+    def begin_upload(self, key: str, base: ObjectMeta | None, source: PendingSource,
+                     metadata: Mapping[str, str] | None = None) -> S3Upload:
+        """Start a new version of `key` on `base` (None: the key must not exist).
+
+        `metadata`, when the caller already knows what the commit will carry, lets staged
+        blocks become parts early even for a new key (S3 fixes metadata when the multipart
+        upload is created, before the first part).
+        """
+        return S3Upload(self, key, base, source, metadata)
+
+    async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
+        """Lineage only: S3 has no block list to compare (checkpoints)."""
+        await trio.lowlevel.checkpoint()
+        return lineage_proves_append(old, new)
+
+    async def list_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload in flight under the prefix.
+
+        For tests and `blobfs status`: a correct store leaves none behind.
+        """
+        out: list[tuple[str, str]] = []
+        kwargs: dict[str, Any] = {"Prefix": self.prefix}
+        while True:
+            resp = await self._call("meta", "list_multipart_uploads", _idempotent=True, **kwargs)
+            out += [(u["Key"][len(self.prefix):], u["UploadId"])
+                    for u in resp.get("Uploads", []) or []]
+            if not resp.get("IsTruncated"):
+                return out
+            kwargs.update(KeyMarker=resp.get("NextKeyMarker", ""),
+                          UploadIdMarker=resp.get("NextUploadIdMarker", ""))
+
+    async def aclose(self) -> None:
+        """Close the client's connection pool."""
+        client, self._client_obj = self._client_obj, None
+        if client is not None:
+            await trio.to_thread.run_sync(client.close)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+def _redact_url(url: str | None) -> str:
+    """An endpoint for logs: user:password@ and query strings (presigned bits) removed."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
+
+
+def open_s3(url: str, cfg: StoreConfig) -> S3Store:
+    """Build the store for `s3://BUCKET[/PREFIX]`; no network traffic until `check()`.
+
+    The endpoint is `cfg.endpoint`, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; with one,
+    requests use path-style addressing (what S3-compatible servers expect).
+
+    Raises:
+        UsageError: the URL or the endpoint is malformed.
+    """
+    from blobfs.store import split_source
+
+    _, bucket, prefix = split_source(url)
+    endpoint = (cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise UsageError(f"bad endpoint '{_redact_url(endpoint) or endpoint}': use "
+                         "-o endpoint=http(s)://HOST[:PORT]")
+    if not 3 <= len(bucket) <= 63 or bucket != bucket.strip():
+        raise UsageError(f"'{bucket}' is not a valid S3 bucket name (3-63 characters)")
+    return S3Store(bucket, prefix, cfg, endpoint=endpoint)
