@@ -8,6 +8,7 @@ one line on stderr and a non-zero exit code (documented in the README), never a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -96,8 +97,8 @@ def _daemonize(cfg: MountConfig) -> int:
             return EXIT_OK
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        if message:
-            print(f"blobfs: {message}", file=sys.stderr)
+        print(f"blobfs: {message or 'the daemon exited before the mount was ready'}; "
+              f"its log is {cfg.cache_dir / 'blobfs.log'}", file=sys.stderr)
         return code or EXIT_ERROR
     os.close(read_fd)
     os.setsid()
@@ -116,7 +117,7 @@ def _daemonize(cfg: MountConfig) -> int:
         notified = True
 
     try:
-        code = trio.run(mount.serve, cfg, on_ready=ready)
+        code = trio.run(functools.partial(mount.serve, cfg, on_ready=ready))
     except UsageError as exc:
         if not notified:
             os.write(write_fd, str(exc).encode())

@@ -77,10 +77,13 @@ def mounted(
     *options: str,
     name: str = "mnt",
     cache_dir: Path | None = None,
+    allow_errors: bool = False,
 ) -> Iterator[Mount]:
     """Mount `env` at base/name in a foreground daemon; yield once it answers.
 
     Whatever happens in the body, the daemon is stopped and the mountpoint unmounted.
+    A traceback or an ERROR line in the daemon's log fails the test unless
+    `allow_errors` says the test provokes them.
     """
     path = base / name
     path.mkdir(parents=True, exist_ok=True)
@@ -103,3 +106,6 @@ def mounted(
         yield mnt
     finally:
         mnt.stop()
+    text = mnt.log()
+    if "Traceback" in text or (not allow_errors and " ERROR " in text):
+        raise AssertionError(f"the blobfs daemon logged errors:\n{text[-4000:]}")

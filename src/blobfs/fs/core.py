@@ -230,15 +230,24 @@ class Filesystem:
         """React to the store's current version of `inode` (SPEC §3)."""
         old = inode.meta
         if new is None:
-            if old is None:
+            if old is None or inode.deleted:
                 return
             inode.gen_end[inode.gen] = gone(f"{inode.key} was deleted remotely")
             inode.gen += 1
-            inode.meta = None
+            # Keep the old size: the kernel must still send reads at old offsets to us, so
+            # open handles see ENOENT instead of a silent end of file.
+            inode.deleted = True
             self.stats["deleted"] += 1
             log.warning("%s was deleted remotely; open handles now fail with ENOENT",
                         inode.key)
             self._drop_listing(inode.parent_key)
+            inode.kernel_etag = None
+            self._invalidate(inode.ino)
+            return
+        if inode.deleted:
+            inode.deleted = False  # it came back: a new version for new handles
+            inode.meta = new
+            inode.kernel_etag = None
             return
         if old is None or new.etag == old.etag:
             inode.meta = new
@@ -417,7 +426,7 @@ class Filesystem:
         if writable or flags & os.O_TRUNC:
             self._writable()
         await self._refresh(inode)
-        if inode.meta is None and inode.writer is None:
+        if (inode.meta is None or inode.deleted) and inode.writer is None:
             raise FsError(errno.ENOENT, f"{inode.key} no longer exists")
         if flags & os.O_TRUNC:
             w = self._writer(inode)
@@ -425,10 +434,38 @@ class Filesystem:
             inode.mtime = time.time()
             self._arm_timer(inode)
         h = self._new_handle(inode, flags)
+        self._watch(inode)
         etag = inode.meta.etag if inode.meta else None
         keep = etag is not None and inode.kernel_etag == etag and inode.writer is None
         inode.kernel_etag = etag
         return h.fh, keep
+
+    def _watch(self, inode: Inode) -> None:
+        if not inode.watched:
+            inode.watched = True
+            self._spawn(self._watch_open_file, inode)
+
+    async def _watch_open_file(self, inode: Inode) -> None:
+        """Revalidate an open file every metadata_ttl (SPEC §3).
+
+        Reads the kernel serves from its page cache never reach us, so without this a
+        replaced or deleted blob would go unnoticed for as long as its pages stay cached.
+        """
+        try:
+            while inode.open_count > 0:
+                # Half the TTL, so a change is seen within metadata_ttl plus one request.
+                await trio.sleep(self.cfg.metadata_ttl / 2)
+                if inode.open_count > 0 and inode.key == self.inodes_key(inode):
+                    try:
+                        await self._refresh(inode, force=True)
+                    except StoreError as exc:
+                        log.debug("revalidating %s failed: %s", inode.key, exc)
+        finally:
+            inode.watched = False
+
+    def inodes_key(self, inode: Inode) -> str:
+        found = self.inodes.by_key(inode.key)
+        return inode.key if found is inode else ""
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(Fh(fh), None)

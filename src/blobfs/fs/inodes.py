@@ -37,6 +37,10 @@ class Inode:
     #: The ETag whose pages the kernel may still cache for this inode.
     kernel_etag: ETag | None = None
     mtime: float = 0.0
+    #: A task revalidates this open file every metadata_ttl.
+    watched: bool = False
+    #: The blob is gone remotely; `meta` still describes what open handles had.
+    deleted: bool = False
 
     @property
     def size(self) -> int:

@@ -242,10 +242,9 @@ class FileWriter:
         """
         target = self.write_seq
         async with self.commit_lock:
-            if self.committed_seq >= target and not self.pending:
-                return
-            if self.committed_seq >= target and self.error is None:
-                return
+            covered = self.committed_seq >= target and not self._must_create
+            if self.error is None and (not self.pending or covered):
+                return  # nothing to do, or a commit that ran while we waited covered us
             await self._commit_locked()
 
     async def _commit_locked(self) -> None:

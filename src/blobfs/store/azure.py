@@ -683,9 +683,38 @@ class AzureUpload:
                 data = await self._assemble(entry.span[0], entry.span[1], segments)
                 await self.store.put_block(self._name, entry.text_id, data)
 
-        async with trio.open_nursery() as nursery:
-            for entry in entries:
-                nursery.start_soon(one, entry)
+        if len(entries) == 1:
+            await one(entries[0])
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for entry in entries:
+                    nursery.start_soon(one, entry)
+        except ExceptionGroup as group:
+            raise _most_telling(group) from None
+
+
+#: Which failure of several parallel stagings the caller hears about: the one it must act on.
+_PRIORITY: tuple[type[StoreError], ...] = (
+    PreconditionFailed, NotFound, AccessDenied, ObjectTooLarge, BadRequest, StoreError,
+)
+
+
+def _most_telling(group: ExceptionGroup[Exception]) -> Exception:
+    """The store error among `group`'s leaves the caller must react to (else the group)."""
+    leaves: list[Exception] = []
+    stack: list[Exception] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, ExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for kind in _PRIORITY:
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
 
 
 def _usable(layout: _Layout | None) -> bool:

@@ -224,7 +224,8 @@ def part_number_for(off: int, base_size: int) -> int:
     a huge blob still have ~8,000 numbers (~39 GiB of new data) to stage into.
     """
     granule = max(MIN_PART, -(-base_size // 2000))
-    return 1 + min(off, base_size) // granule + max(0, off - base_size) // MIN_PART
+    below = min(off, base_size)
+    return 1 + -(-below // granule) + max(0, off - base_size) // MIN_PART
 
 
 def split_copy(r: Range) -> list[Range]:
@@ -905,7 +906,9 @@ class S3Store:
         Raises:
             NotFound: the bucket is gone.
         """
-        kwargs: dict[str, Any] = {"Prefix": self._full(prefix), "MaxKeys": max(1, limit)}
+        # S3 never returns more than 1000 keys a page; some servers (moto) would.
+        kwargs: dict[str, Any] = {"Prefix": self._full(prefix),
+                                  "MaxKeys": min(1000, max(1, limit))}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         if token:
