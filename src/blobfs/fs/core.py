@@ -167,6 +167,8 @@ class Filesystem:
             raise FsError(errno.ENOENT)
         file_meta: ObjectMeta | None = None
         dir_found = False
+        known = self.inodes.by_key(key)
+        seen = (known.meta, known.gen) if known is not None else None
 
         async def head() -> None:
             nonlocal file_meta
@@ -189,7 +191,8 @@ class Filesystem:
         if file_meta is None:
             raise FsError(errno.ENOENT)
         inode = self.inodes.ensure(key, False)
-        if inode.meta is None or inode.meta.etag != file_meta.etag:
+        changed = inode.meta is None or inode.meta.etag != file_meta.etag
+        if changed and (inode is not known or (inode.meta, inode.gen) == seen):
             await self._observe(inode, file_meta)
         inode.checked_at = trio.current_time()
         return inode
@@ -219,10 +222,13 @@ class Filesystem:
         w = inode.writer
         if w is not None and w.base is None and w.pending:
             return  # only here so far
+        seen = inode.meta, inode.gen
         try:
             new: ObjectMeta | None = await self.store.head(inode.key)
         except NotFound:
             new = None
+        if (inode.meta, inode.gen) != seen:
+            return  # someone else (a commit, another refresh) updated it meanwhile
         inode.checked_at = trio.current_time()
         await self._observe(inode, new)
 
@@ -252,7 +258,10 @@ class Filesystem:
         if old is None or new.etag == old.etag:
             inode.meta = new
             return
-        if await self.store.proves_append(old, new):
+        appended = await self.store.proves_append(old, new)
+        if inode.meta is not old:
+            return  # updated while we checked
+        if appended:
             self.cache.alias_nowait(inode.key, old.etag, new.etag, old.size)
             inode.meta = new
             self.stats["appends_followed"] += 1
@@ -397,15 +406,19 @@ class Filesystem:
         self._writable()
         parent = self._inode(parent_ino)
         key = self._child_key(parent, name)
-        inode = self.inodes.ensure(key, False)
-        existing = inode.meta
-        if existing is None:
-            try:
-                existing = await self.store.head(key)
-            except NotFound:
-                existing = None
+        try:
+            existing: ObjectMeta | None = await self.store.head(key)
+        except NotFound:
+            existing = None
+        inode = self.inodes.by_key(key)
+        if inode is not None and existing is None and inode.meta is not None:
+            # Deleted remotely since we saw it: a new file gets a new inode, and open
+            # handles of the old one keep their view.
+            self.inodes.unlink_key(key)
+            inode = None
+        inode = inode or self.inodes.ensure(key, False)
         if existing is not None:
-            inode.meta = existing
+            await self._observe(inode, existing)
         w = self._writer(inode)
         if existing is not None:
             await w.truncate(0)
@@ -454,7 +467,7 @@ class Filesystem:
         try:
             while inode.open_count > 0:
                 # Half the TTL, so a change is seen within metadata_ttl plus one request.
-                await trio.sleep(self.cfg.metadata_ttl / 2)
+                await trio.sleep(max(self.cfg.metadata_ttl / 2, 0.05))
                 if inode.open_count > 0 and inode.key == self.inodes_key(inode):
                     try:
                         await self._refresh(inode, force=True)

@@ -83,10 +83,28 @@ from blobfs.types import META_STREAM, ETag, ListPage, ObjectMeta
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The SDK's HTTP logging policy logs request headers at INFO; SAS query strings and
-# signatures must never reach a log, so only its warnings get through.
-for _name in ("azure.core.pipeline.policies.http_logging_policy", "azure.storage.blob"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+#: Secret values of every store built in this process, masked wherever they could show.
+_KNOWN_SECRETS: set[str] = set()
+
+
+class _RedactFilter(logging.Filter):
+    """Masks SAS signatures, account keys and known secrets in third-party log records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text, _KNOWN_SECRETS)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+# The SDK's HTTP logging policy logs request headers at INFO: only its warnings get
+# through. urllib3 logs every request URL, SAS query string included, at DEBUG: those
+# records are redacted (a filter on the logger itself, so it holds whatever the handlers).
+logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+for _name in ("urllib3.connectionpool", "azure.core.pipeline.policies.http_logging_policy",
+              "azure.storage.blob._shared.policies"):
+    logging.getLogger(_name).addFilter(_RedactFilter())
 
 #: An API version Azurite 3.35 accepts (the SDK's newest is rejected with 400).
 DEFAULT_API_VERSION = "2025-11-05"
@@ -745,6 +763,7 @@ class AzureStore:
         self.prefix = prefix
         self.block_size = cfg.block_size
         self._access = access
+        _KNOWN_SECRETS.update(s for s in access.secrets if len(s) >= 8)
         self.display = f"az://{container}/{prefix}".rstrip("/") + (
             f" at {_display_url(access.account_url)}" if cfg.endpoint else ""
         )

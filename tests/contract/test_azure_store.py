@@ -1,0 +1,597 @@
+"""Azure-only store tests against Azurite: the traps found in Azurite 3.35 with
+azure-storage-blob 12.31 (see `blobfs.store.azure`), the block-count bound, append
+detection by block list, error classification and secrecy.
+
+"Another tool" is the plain Azure SDK working on the same container. Request counts and
+bodies are observed through `tests.support.proxy.Proxy` between the store and Azurite.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import random
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit
+
+import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.storage.blob import (
+    BlobBlock,
+    BlobServiceClient,
+    ContainerClient,
+    ContainerSasPermissions,
+    generate_container_sas,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blobfs.config import StoreConfig
+from blobfs.errors import (
+    AccessDenied,
+    BadRequest,
+    NotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+)
+from blobfs.store.azure import (
+    DEFAULT_API_VERSION,
+    AzureStore,
+    classify,
+    ladder_suffix,
+    max_committed_blocks,
+    open_azure,
+    plan_merges,
+)
+from blobfs.store.base import BytesSource, Range, put_bytes, read_all
+from blobfs.types import META_STREAM, ObjectMeta
+from tests.support import azure_env
+from tests.support.envs import free_port
+from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, ProxyResponse, error_response
+
+KiB = 1 << 10
+SMALL_BLOCK = 64 * KiB
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@dataclass
+class Box:
+    """A fresh container on Azurite, a raw SDK client for it, and a store factory."""
+
+    server: azure_env.Azurite
+    container: str
+    raw: ContainerClient
+    make: Callable[..., AzureStore]
+
+    def blob(self, key: str) -> Any:
+        return self.raw.get_blob_client("pfx/" + key)
+
+    def committed(self, key: str) -> list[BlobBlock]:
+        return self.blob(key).get_block_list("committed")[0]
+
+
+@pytest.fixture
+def azurite(server_for: Callable[[str], Any]) -> azure_env.Azurite:
+    return server_for("az")
+
+
+@pytest.fixture
+async def box(azurite: azure_env.Azurite, request: pytest.FixtureRequest) -> AsyncIterator[Box]:
+    container = azure_env.container_name(f"{request.node.name}-{os.getpid()}-{random.random()}")
+    azure_env.create_container(azurite, container)
+    service = BlobServiceClient.from_connection_string(
+        azurite.connection_string, api_version=DEFAULT_API_VERSION, retry_total=0
+    )
+    stores: list[AzureStore] = []
+
+    def make(
+        *,
+        block_size: int = SMALL_BLOCK,
+        endpoint: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        retry_timeout: float = 10.0,
+        api_version: str | None = None,
+        url: str | None = None,
+    ) -> AzureStore:
+        cfg = StoreConfig(endpoint=endpoint or azurite.endpoint, retry_timeout=retry_timeout,
+                          block_size=block_size, api_version=api_version)
+        env = environ if environ is not None else {
+            "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+        store = open_azure(url or f"az://{container}/pfx", cfg, env)
+        stores.append(store)
+        return store
+
+    try:
+        yield Box(azurite, container, service.get_container_client(container), make)
+    finally:
+        for store in stores:
+            await store.aclose()
+        service.close()
+
+
+@pytest.fixture
+def proxy(azurite: azure_env.Azurite) -> Iterator[Proxy]:
+    parts = urlsplit(azurite.endpoint)
+    with Proxy(f"http://{parts.netloc}") as p:
+        yield p
+
+
+def proxied(proxy: Proxy) -> str:
+    """The store endpoint that goes through `proxy` (Azurite's path-style account URL)."""
+    return f"{proxy.url}/{azure_env.ACCOUNT}"
+
+
+async def append(store: AzureStore, base: ObjectMeta, data: bytes, new: bytes,
+                 metadata: Mapping[str, str] | None = None) -> ObjectMeta:
+    """One append commit of `new` onto `base` (whose content is `data`)."""
+    up = store.begin_upload(base.key, base, BytesSource(new, len(data)))
+    meta = metadata if metadata is not None else dict(base.metadata)
+    return await up.commit(len(data) + len(new), [Range(len(data), len(new))], meta)
+
+
+def block_id_bytes(block: BlobBlock) -> bytes:
+    return str(block.id).encode("utf-8")
+
+
+def is_block_put(target: str) -> bool:
+    return parse_qs(urlsplit(target).query).get("comp") == ["block"]
+
+
+def is_block_list_put(target: str) -> bool:
+    return parse_qs(urlsplit(target).query).get("comp") == ["blocklist"]
+
+
+# --- trap 1: Put Blob leaves no committed blocks ------------------------------------------------
+async def test_put_blob_has_no_blocks_and_append_keeps_its_bytes(box: Box) -> None:
+    old = os.urandom(150 * KiB)
+    box.blob("pb").upload_blob(old)
+    # The trap: the blob's bytes are not described by any committed block, so "old ids +
+    # new ids" would commit only the new bytes while the If-Match still holds.
+    assert box.committed("pb") == []
+    naive = box.raw.get_blob_client("pfx/naive")
+    naive.upload_blob(b"old bytes")
+    etag = naive.get_blob_properties().etag
+    naive.stage_block("x" * 24, b"new")
+    naive.commit_block_list([BlobBlock("x" * 24)], etag=etag,
+                            match_condition=__import__("azure.core").core.MatchConditions.IfNotModified)
+    assert naive.download_blob().readall() == b"new"
+
+    store = box.make()
+    base = await store.head("pb")
+    v2 = await append(store, base, old, b"tail")
+    assert await read_all(store, v2) == old + b"tail"
+    blocks = box.committed("pb")
+    assert sum(b.size for b in blocks) == v2.size  # the blob is now fully described by blocks
+    v3 = await append(store, v2, old + b"tail", b"more")
+    assert await read_all(store, v3) == old + b"tailmore"
+
+
+# --- trap 2: a commit without metadata clears it ----------------------------------------------
+async def test_commit_always_sends_metadata(box: Box) -> None:
+    raw = box.blob("m")
+    raw.stage_block("a" * 24, b"abc")
+    raw.commit_block_list([BlobBlock("a" * 24)], metadata={"keep": "1"})
+    raw.commit_block_list([BlobBlock("a" * 24)])
+    assert raw.get_blob_properties().metadata == {}  # the trap
+
+    store = box.make()
+    v1 = await put_bytes(store, "k", b"one", base=None, metadata={META_STREAM: "s1", "x": "y"})
+    v2 = await append(store, v1, b"one", b"two")
+    head = await store.head("k")
+    assert head.etag == v2.etag
+    assert dict(head.metadata) == {META_STREAM: "s1", "x": "y"}
+    v3 = await store.begin_upload("k", v2, BytesSource(b"")).commit(6, [], {META_STREAM: "s1"})
+    assert dict((await store.head("k")).metadata) == {META_STREAM: "s1"}
+    assert await read_all(store, v3) == b"onetwo"
+
+
+# --- trap 3: one id length per blob, never an id twice --------------------------------------
+async def test_adopts_the_block_id_length_of_another_tool(box: Box) -> None:
+    raw = box.blob("foreign")
+    parts = [os.urandom(3000), os.urandom(5000)]
+    ids = ["blk00001", "blk00002"]
+    for block_id, part in zip(ids, parts, strict=True):
+        raw.stage_block(block_id, part)
+    raw.commit_block_list([BlobBlock(i) for i in ids])
+    # Azure refuses ids of another length while uncommitted ones exist: the rule is real.
+    raw.stage_block("blk00003", b"pending")
+    with pytest.raises(HttpResponseError) as info:
+        raw.stage_block("a-much-longer-block-id", b"x")
+    assert info.value.status_code == 400
+    assert isinstance(classify(info.value), BadRequest)
+
+    store = box.make()
+    data = b"".join(parts)
+    meta = await store.head("foreign")
+    for i in range(40):
+        add = os.urandom(random.randint(1, 4000))
+        meta = await append(store, meta, data, add)
+        data += add
+    assert await read_all(store, meta) == data
+    assert {len(block_id_bytes(b)) for b in box.committed("foreign")} == {8}
+
+
+async def test_block_ids_are_never_reused(box: Box) -> None:
+    store = box.make(block_size=SMALL_BLOCK)
+    data = b""
+    meta = await put_bytes(store, "r", data, base=None, metadata={META_STREAM: "s"})
+    seen: set[str] = set()
+    previous: list[str] = []
+    for i in range(150):
+        add = os.urandom(1 + (i * 37) % 900)
+        meta = await append(store, meta, data, add)
+        data += add
+        current = [str(b.id) for b in box.committed("r")]
+        fresh = [b for b in current if b not in previous]
+        assert not set(fresh) & seen, f"a block id came back at commit {i}"
+        seen.update(current)
+        previous = current
+    assert await read_all(store, meta) == data
+
+
+# --- trap 4: the API version ---------------------------------------------------------------------
+async def test_api_version_is_pinned_and_configurable(box: Box, proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(proxy))
+    await store.check()
+    assert {r.headers.get("x-ms-version") for r in proxy.records} == {DEFAULT_API_VERSION}
+    proxy.reset()
+    other = box.make(endpoint=proxied(proxy), api_version="2021-08-06")
+    await other.check()
+    assert {r.headers.get("x-ms-version") for r in proxy.records} == {"2021-08-06"}
+    with pytest.raises(UsageError, match="API version"):
+        box.make(api_version="1999-01-01")
+
+
+# --- trap 5: a range at the end ---------------------------------------------------------------
+async def test_reads_at_and_past_the_end(box: Box) -> None:
+    store = box.make()
+    v1 = await put_bytes(store, "e", b"0123456789", base=None, metadata={})
+    assert await store.read("e", v1.etag, 10, 5) == b""  # Azurite: 200 with no bytes
+    assert await store.read("e", v1.etag, 50, 5) == b""  # Azure and Azurite: 416
+    assert await store.read("e", v1.etag, 8, 5) == b"89"
+    v2 = await put_bytes(store, "e", b"x", base=v1, metadata={})
+    for off in (0, 1, 10, 50):
+        with pytest.raises(PreconditionFailed):
+            await store.read("e", v1.etag, off, 5)
+    assert await store.read("e", v2.etag, 1, 5) == b""
+    empty = await put_bytes(store, "z", b"", base=None, metadata={})
+    assert await store.read("z", empty.etag, 0, 100) == b""
+    await store.delete("e")
+    with pytest.raises((NotFound, PreconditionFailed)):
+        await store.read("e", v2.etag, 0, 1)
+
+
+# --- trap 6: a commit drops the other writers' staged blocks ---------------------------------
+async def test_rebase_after_another_commit_restages_everything(box: Box) -> None:
+    store = box.make(block_size=SMALL_BLOCK)
+    base_data = os.urandom(1000)
+    v1 = await put_bytes(store, "log", base_data, base=None, metadata={META_STREAM: "s"})
+    ours = os.urandom(SMALL_BLOCK + 500)
+    up = store.begin_upload("log", v1, BytesSource(ours, len(base_data)))
+    await up.stage(len(base_data), ours[:SMALL_BLOCK])
+    assert len(box.blob("log").get_block_list("uncommitted")[1]) == 1
+
+    # Another writer appends first, with the SDK.
+    raw = box.blob("log")
+    committed = box.committed("log")
+    theirs = b"their line\n"
+    raw.stage_block("t" * len(block_id_bytes(committed[0])), theirs)
+    raw.commit_block_list(committed + [BlobBlock("t" * len(block_id_bytes(committed[0])))],
+                          metadata={META_STREAM: "s"})
+    assert box.blob("log").get_block_list("uncommitted")[1] == []  # ours are gone
+
+    with pytest.raises(PreconditionFailed):
+        await up.commit(len(base_data) + len(ours),
+                        [Range(len(base_data), len(ours))], {META_STREAM: "s"})
+    # The rebase: a new upload on the new version, reading our bytes from the source.
+    v2 = await store.head("log")
+    assert await store.proves_append(v1, v2)
+    off = v2.size
+    up = store.begin_upload("log", v2, BytesSource(ours, off))
+    v3 = await up.commit(off + len(ours), [Range(off, len(ours))], {META_STREAM: "s"})
+    assert await read_all(store, v3) == base_data + theirs + ours
+
+
+async def test_vanished_staged_blocks_are_staged_again(box: Box, proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    data = os.urandom(3 * SMALL_BLOCK + 10)
+    up = store.begin_upload("v", None, BytesSource(data))
+    for off in range(0, 3 * SMALL_BLOCK, SMALL_BLOCK):
+        await up.stage(off, data[off : off + SMALL_BLOCK])
+    refused: list[str] = []
+
+    def hook(req: ProxyRequest) -> ProxyResponse | None:
+        if req.method == "PUT" and is_block_list_put(req.target) and not refused:
+            refused.append(req.target)
+            return error_response(400, "InvalidBlockList")
+        return None
+
+    proxy.hook = hook
+    proxy.reset()
+    meta = await up.commit(len(data), [Range(0, len(data))], {})
+    assert refused
+    puts = [r for r in proxy.records if r.method == "PUT" and is_block_put(r.target)]
+    assert len(puts) == 1 + 4  # the tail, then all four blocks again
+    assert await read_all(store, meta) == data
+
+
+# --- trap 7: no Put Block From URL -------------------------------------------------------------
+async def test_merges_use_local_bytes_not_put_block_from_url(box: Box, proxy: Proxy) -> None:
+    raw = box.blob("src")
+    raw.upload_blob(b"abc")
+    with pytest.raises(HttpResponseError) as info:
+        box.blob("dst").stage_block_from_url("QUFBQQ==", raw.url)
+    assert info.value.status_code == 501
+    assert isinstance(classify(info.value), BadRequest)  # permanent: never retried
+
+    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    data = b""
+    meta = await put_bytes(store, "m", data, base=None, metadata={META_STREAM: "s"})
+    for i in range(200):
+        add = b"x" * (1 + i % 50)
+        meta = await append(store, meta, data, add)
+        data += add
+    assert await read_all(store, meta) == data
+    assert not any("x-ms-copy-source" in r.headers for r in proxy.records)
+    ranged_gets = [r for r in proxy.records if r.method == "GET" and "x-ms-range" in r.headers]
+    assert ranged_gets, "merges read the merged blocks back"
+
+
+# --- the block-count bound --------------------------------------------------------------------
+def simulate_appends(sizes: list[int], block_size: int) -> tuple[list[int], int]:
+    """Block sizes after appending `sizes` one commit at a time, and bytes re-uploaded."""
+    blocks: list[int] = []
+    reuploaded = 0
+    for size in sizes:
+        ladder = ladder_suffix(blocks, block_size)
+        pieces = blocks + [size]
+        open_ = [len(blocks) - ladder <= i < len(blocks) for i in range(len(blocks))]
+        open_.append(size < block_size)
+        groups = plan_merges(pieces, open_, block_size)
+        new_blocks = []
+        for start, end in groups:
+            total = sum(pieces[start:end])
+            if end - start > 1:
+                reuploaded += total - size if end == len(pieces) else total
+            new_blocks.append(total)
+        blocks = new_blocks
+    return blocks, reuploaded
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 3 * SMALL_BLOCK), min_size=1, max_size=400))
+def test_merge_plan_bounds_blocks_and_reupload(sizes: list[int]) -> None:
+    blocks, reuploaded = simulate_appends(sizes, SMALL_BLOCK)
+    total = sum(sizes)
+    assert sum(blocks) == total
+    assert len(blocks) <= max_committed_blocks(total, SMALL_BLOCK)
+    assert len(blocks) <= total // SMALL_BLOCK + 17
+    # Amortised O(log block_size) re-upload per appended byte (plus one fold per full block).
+    assert reuploaded <= (SMALL_BLOCK.bit_length() * 2 + 3) * total
+
+
+def test_merge_plan_leaves_another_tools_layout_alone() -> None:
+    # 4 MiB blocks written by another tool are all "small" at 8 MiB, but only the valid
+    # ladder at the end may absorb new bytes: nothing of the old layout is uploaded again.
+    four_mib_blocks = [4 << 20] * 100
+    assert ladder_suffix(four_mib_blocks, 8 << 20) == 1
+    pieces = four_mib_blocks + [10]
+    open_ = [False] * 99 + [True, True]
+    assert plan_merges(pieces, open_, 8 << 20) == [(i, i + 1) for i in range(101)]
+    pieces = four_mib_blocks + [3 << 20]
+    assert plan_merges(pieces, open_, 8 << 20)[-1] == (99, 101)
+
+
+@pytest.mark.slow
+async def test_3000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    data = b""
+    meta = await put_bytes(store, "tiny", data, base=None, metadata={META_STREAM: "s"})
+    appended = 0
+    plain_commits = 0
+    proxy.reset()
+    for i in range(3000):
+        add = f"{i:05d} {'.' * (i % 40)}\n".encode()
+        first = len(proxy.records)
+        meta = await append(store, meta, data, add)
+        records = proxy.records[first:]
+        data += add
+        appended += len(add)
+        merged = any(r.method == "GET" for r in records)
+        assert sum(r.method in ("PUT", "POST", "DELETE") for r in records) <= 3
+        if not merged:
+            plain_commits += 1
+            # Between merges an append sends its bytes once plus the block list.
+            staged = sum(r.bytes_up for r in records if is_block_put(r.target))
+            assert staged == len(add)
+        if i % 250 == 0:
+            count = len(box.committed("tiny"))
+            assert count <= max_committed_blocks(len(data), SMALL_BLOCK)
+    assert await read_all(store, meta) == data
+    blocks = box.committed("tiny")
+    assert len(blocks) <= len(data) // SMALL_BLOCK + SMALL_BLOCK.bit_length()
+    assert sum(b.size for b in blocks) == len(data)
+    stats = proxy.stats()
+    assert plain_commits >= 1000
+    assert stats["write_requests"] <= 2 * 3000 + 1
+    assert store.staged_bytes <= (SMALL_BLOCK.bit_length() + 2) * appended
+    report = (f"3000 appends, {appended} bytes: {len(blocks)} blocks (bound "
+              f"{max_committed_blocks(len(data), SMALL_BLOCK)}), {stats['requests']} requests, "
+              f"{stats['write_requests']} writes, {stats['bytes_up']} bytes up, "
+              f"{store.staged_bytes} staged, {plain_commits} commits without a merge")
+    print(report)
+
+
+# --- append detection by block list ---------------------------------------------------------
+async def test_proves_append_by_block_list_prefix(box: Box) -> None:
+    store = box.make()
+    raw = box.blob("b")
+    raw.stage_block("id-0001", b"first\n")
+    raw.stage_block("id-0002", b"second\n")
+    raw.commit_block_list([BlobBlock("id-0001"), BlobBlock("id-0002")])
+    v1 = await store.head("b")
+    raw.stage_block("id-0003", b"third\n")
+    raw.commit_block_list([BlobBlock(i) for i in ("id-0001", "id-0002", "id-0003")])
+    v2 = await store.head("b")
+    assert v2.etag != v1.etag and v2.stream is None
+    assert await store.proves_append(v1, v2)
+    assert await read_all(store, v2) == b"first\nsecond\nthird\n"
+    raw.stage_block("id-0004", b"FIRST\n")
+    raw.commit_block_list([BlobBlock(i) for i in ("id-0004", "id-0002", "id-0003")])
+    v3 = await store.head("b")
+    assert not await store.proves_append(v2, v3)
+
+    # Put Blob leaves no block list: nothing can be proven that way.
+    pb = box.blob("p")
+    pb.upload_blob(b"one\n")
+    p1 = await store.head("p")
+    pb.upload_blob(b"one\ntwo\n", overwrite=True)
+    p2 = await store.head("p")
+    assert not await store.proves_append(p1, p2)
+
+
+# --- classification and secrecy ---------------------------------------------------------------
+async def test_check_missing_container(box: Box) -> None:
+    store = box.make(url="az://no-such-container/x")
+    with pytest.raises(NotFound, match="no-such-container"):
+        await store.check()
+
+
+async def test_check_bad_key_is_access_denied_and_secret_free(box: Box) -> None:
+    bad_key = base64.b64encode(b"not the key" * 6).decode()
+    conn = azure_env.connection_string(box.server.endpoint, key=bad_key)
+    store = box.make(environ={"AZURE_STORAGE_CONNECTION_STRING": conn})
+    with pytest.raises(AccessDenied) as info:
+        await store.check()
+    text = "".join(traceback.format_exception(info.value))
+    assert bad_key not in text and "AccountKey" not in text
+    assert bad_key not in store.display
+
+
+async def test_check_unreachable_endpoint(box: Box) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}"
+    store = box.make(endpoint=endpoint, retry_timeout=0.5)
+    with pytest.raises(StoreUnavailable):
+        await store.check()
+
+
+def sas_token(box: Box) -> str:
+    return generate_container_sas(
+        azure_env.ACCOUNT, box.container, account_key=azure_env.ACCOUNT_KEY,
+        permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True,
+                                           add=True, create=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1),
+    )
+
+
+async def test_account_key_and_sas_token_credentials(box: Box) -> None:
+    keyed = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+                              "AZURE_STORAGE_KEY": azure_env.ACCOUNT_KEY})
+    await keyed.check()
+    v1 = await put_bytes(keyed, "c", b"by key", base=None, metadata={})
+    sas = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+                            "AZURE_STORAGE_SAS_TOKEN": sas_token(box)})
+    await sas.check()
+    assert await read_all(sas, await sas.head("c")) == b"by key"
+    await append(sas, v1, b"by key", b" and SAS")
+    assert await read_all(keyed, await keyed.head("c")) == b"by key and SAS"
+
+
+async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    query = dict(parse_qsl(sas_token(box)))
+    forged_sig = base64.b64encode(b"forged signature!" * 2).decode()
+    query["sig"] = forged_sig
+    forged = urlencode(query)
+    store = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+                              "AZURE_STORAGE_SAS_TOKEN": forged})
+    failures: list[BaseException] = []
+    with pytest.raises(AccessDenied) as info:
+        await store.check()
+    failures.append(info.value)
+    with pytest.raises(AccessDenied) as info2:
+        await store.head("x")
+    failures.append(info2.value)
+    unreachable = box.make(endpoint=f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}",
+                           environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+                                    "AZURE_STORAGE_SAS_TOKEN": forged}, retry_timeout=0.3)
+    with pytest.raises(StoreUnavailable) as info3:
+        await unreachable.read("x", "etag", 0, 1)  # type: ignore[arg-type]
+    failures.append(info3.value)
+    for exc in failures:
+        text = "".join(traceback.format_exception(exc))
+        assert forged_sig not in text and quote(forged_sig, safe="") not in text
+        assert forged not in text
+        assert not isinstance(exc.__cause__, HttpResponseError)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "sig=" in logged  # urllib3 logged the request URLs, redacted
+    assert forged_sig not in logged and quote(forged_sig, safe="") not in logged
+    assert forged_sig not in store.display
+
+
+async def test_transient_faults_are_retried(box: Box, proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(proxy), retry_timeout=30.0)
+    plan = FaultPlan(rate=0.3, kinds=("500", "503", "reset"), seed=7)
+    proxy.faults = plan
+    data = b""
+    meta = await put_bytes(store, "f", data, base=None, metadata={META_STREAM: "s"})
+    for i in range(30):
+        add = f"line {i}\n".encode()
+        meta = await append(store, meta, data, add)
+        data += add
+    assert await read_all(store, meta) == data
+    page = await store.list("")
+    assert [o.key for o in page.objects] == ["f"]
+    assert sum(plan.injected.values()) > 5
+
+
+async def test_commit_that_landed_before_a_reset_is_not_a_conflict(
+    box: Box, proxy: Proxy
+) -> None:
+    store = box.make(endpoint=proxied(proxy))
+    v1 = await put_bytes(store, "once", b"a", base=None, metadata={META_STREAM: "s"})
+    proxy.faults = FaultPlan(rate=1.0, kinds=("reset_after",), limit=1,
+                             match=lambda r: r.method == "PUT" and is_block_list_put(r.target))
+    v2 = await append(store, v1, b"a", b"b")
+    assert proxy.faults.injected["reset_after"] == 1  # type: ignore[union-attr]
+    head = await store.head("once")
+    assert head.etag == v2.etag
+    assert await read_all(store, head) == b"ab"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (403, "AuthorizationPermissionMismatch", AccessDenied),
+        (404, "ContainerNotFound", NotFound),
+        (412, "ConditionNotMet", PreconditionFailed),
+        (413, "RequestBodyTooLarge", ObjectTooLarge),
+        (400, "BlockCountExceedsLimit", ObjectTooLarge),
+        (409, "LeaseIdMissing", BadRequest),
+    ],
+)
+async def test_service_errors_are_classified(
+    box: Box, proxy: Proxy, status: int, code: str, expected: type[StoreError]
+) -> None:
+    store = box.make(endpoint=proxied(proxy), retry_timeout=1.0)
+    proxy.hook = lambda req: error_response(status, code)
+    with pytest.raises(expected) as info:
+        await put_bytes(store, "k", b"data", base=None, metadata={})
+    assert type(info.value).__module__ == "blobfs.errors"
+    assert info.value.__cause__ is None
+
+
+async def test_throttling_gives_up_as_unavailable(box: Box, proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(proxy), retry_timeout=0.5)
+    proxy.hook = lambda req: error_response(503, "ServerBusy")
+    with pytest.raises(StoreUnavailable):
+        await store.head("k")
+    assert len(proxy.records) >= 2

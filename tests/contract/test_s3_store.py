@@ -1,0 +1,852 @@
+"""S3-specific store tests: commit layouts, conditions, redo, cleanup, retries, errors, cost.
+
+The layout planner is pure code and is tested directly (including the > 5 GiB splits no
+test server could hold). Everything else runs against the session's moto server, mostly
+through a counting `Proxy` so the tests can see which S3 requests a commit made and how
+many bytes it sent. moto ignores some S3 conditions; `S3Conditions` on the proxy enforces
+them the way S3 does, which is how the large-blob conflict paths are shown here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions as bce
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blobfs.config import StoreConfig
+from blobfs.errors import (
+    AccessDenied,
+    BadRequest,
+    NotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StoreUnavailable,
+    Throttled,
+    TransientError,
+)
+from blobfs.store import open_store
+from blobfs.store.base import BytesSource, Range, base_segments, put_bytes, read_all
+from blobfs.store.s3 import (
+    MAX_PART,
+    MAX_PARTS,
+    MIN_PART,
+    Part,
+    S3Store,
+    StagedPart,
+    classify,
+    multipart_etag,
+    part_number_for,
+    plan_parts,
+    split_copy,
+)
+from blobfs.types import META_STREAM, ObjectMeta
+from tests.conftest import make_store_env
+from tests.support import s3_env
+from tests.support.envs import StoreEnv, free_port
+from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, S3Conditions, error_response
+from tests.support.s3_env import MotoServer, s3_operation
+
+MiB = 1 << 20
+GiB = 1 << 30
+LINEAGE = {META_STREAM: "stream-1"}
+
+
+# --- the layout planner (pure) ---------------------------------------------------------------
+def check_layout(size: int, segments: Sequence[tuple[str, Range]], parts: Sequence[Part],
+                 staged: Sequence[StagedPart] = ()) -> None:
+    """Every invariant S3 and SPEC §2 put on a multipart layout."""
+    assert parts, "a layout has parts"
+    pos = 0
+    last_number = 0
+    for i, p in enumerate(parts):
+        assert p.range.off == pos, f"part {i} leaves a gap or overlaps"
+        pos = p.range.end
+        assert 1 <= p.number <= MAX_PARTS and p.number > last_number, "numbers ascend"
+        last_number = p.number
+        assert p.range.size <= MAX_PART
+        if i < len(parts) - 1:
+            assert p.range.size >= MIN_PART, f"part {i} of {len(parts)} is under 5 MiB"
+        if p.source == "copy":
+            # A copy must lie inside one base segment: its bytes are unchanged.
+            assert any(k == "base" and r.off <= p.range.off and p.range.end <= r.end
+                       for k, r in segments)
+        elif p.source == "upload":
+            assert p.pieces[0][1].off == p.range.off and p.pieces[-1][1].end == p.range.end
+            for kind, r in p.pieces:
+                assert any(k == kind and s.off <= r.off and r.end <= s.end
+                           for k, s in segments), f"piece {kind} {r} disagrees with the base"
+        else:
+            assert p.staged in staged and p.number == p.staged.number
+            assert any(k == "dirty" and r.off <= p.range.off and p.range.end <= r.end
+                       for k, r in segments), "a staged part must cover only new bytes"
+    assert pos == size
+
+
+def uploaded_bytes(parts: Sequence[Part]) -> int:
+    return sum(p.range.size for p in parts if p.source == "upload")
+
+
+def test_plan_append_copies_the_base_and_uploads_only_the_tail() -> None:
+    n, k = 64 * MiB, 100
+    segments = base_segments(n + k, [Range(n, k)], n)
+    parts = plan_parts(n + k, segments)
+    check_layout(n + k, segments, parts)
+    assert [(p.source, p.range) for p in parts] == [("copy", Range(0, n)),
+                                                     ("upload", Range(n, k))]
+
+
+def test_plan_splits_copies_per_5_gib() -> None:
+    n, k = 12 * GiB + 7, 10
+    segments = base_segments(n + k, [Range(n, k)], n)
+    parts = plan_parts(n + k, segments)
+    check_layout(n + k, segments, parts)
+    assert [p.source for p in parts] == ["copy"] * 3 + ["upload"]
+    assert uploaded_bytes(parts) == k
+    assert split_copy(Range(0, 5 * GiB)) == [Range(0, 5 * GiB)]
+    assert len(split_copy(Range(0, 5 * GiB + 1))) == 2
+
+
+def test_plan_small_write_in_the_middle_reads_base_bytes_to_reach_5_mib() -> None:
+    size = 100 * MiB
+    segments = base_segments(size, [Range(50 * MiB, 10)], size)
+    parts = plan_parts(size, segments)
+    check_layout(size, segments, parts)
+    # One part of new bytes padded with base bytes; the rest is copied.
+    assert uploaded_bytes(parts) == MIN_PART
+    assert sum(p.range.size for p in parts if p.source == "copy") == size - MIN_PART
+
+
+def test_plan_uses_the_staged_blocks_of_an_append_stream() -> None:
+    n, block = 64 * MiB, 8 * MiB
+    size = n + 3 * block + 1000
+    staged = [StagedPart(n + i * block, block, part_number_for(n + i * block, n), f"e{i}")
+              for i in range(3)]
+    segments = base_segments(size, [Range(n, size - n)], n)
+    parts = plan_parts(size, segments, staged)
+    check_layout(size, segments, parts, staged)
+    assert [p.source for p in parts] == ["copy", "staged", "staged", "staged", "upload"]
+    assert uploaded_bytes(parts) == 1000
+
+
+def test_plan_resends_a_staged_block_that_cannot_stand_alone() -> None:
+    # Base of 1 MiB: the first block after it would leave a 1 MiB first part.
+    n, block = 1 * MiB, 8 * MiB
+    size = n + 2 * block
+    staged = [StagedPart(n + i * block, block, part_number_for(n + i * block, n), f"e{i}")
+              for i in range(2)]
+    segments = base_segments(size, [Range(n, size - n)], n)
+    parts = plan_parts(size, segments, staged)
+    check_layout(size, segments, parts, staged)
+    assert [p.source for p in parts] == ["upload", "staged"]
+    assert parts[1].staged == staged[1]
+
+
+def test_plan_drops_staged_bytes_no_longer_dirty_or_cut_by_truncate() -> None:
+    size = 20 * MiB
+    staged = [StagedPart(0, 8 * MiB, 1, "a"), StagedPart(16 * MiB, 8 * MiB, 4, "b")]
+    segments = base_segments(size, [Range(8 * MiB, 12 * MiB)], 30 * MiB)
+    parts = plan_parts(size, segments, staged)
+    check_layout(size, segments, parts, staged)
+    assert not any(p.source == "staged" for p in parts)
+
+
+def test_part_numbers_of_staged_blocks_leave_room_for_copies() -> None:
+    for base in (0, 3 * MiB, 64 * MiB, 40 * GiB, 3 << 40):
+        starts = [base + i * MIN_PART for i in range(50)]
+        numbers = [part_number_for(s, base) for s in starts]
+        assert numbers == sorted(set(numbers)), "distinct and ascending"
+        copies_needed = -(-base // MAX_PART)
+        assert numbers[0] > copies_needed
+        assert numbers[-1] <= MAX_PARTS
+
+
+def test_plan_refuses_more_than_10000_parts() -> None:
+    # Alternating 5 MiB dirty and 5 MiB clean ranges of a 60 GiB blob: 12,288 parts.
+    size = 60 * GiB
+    dirty = [Range(off, MIN_PART) for off in range(0, size, 2 * MIN_PART)]
+    with pytest.raises(ObjectTooLarge):
+        plan_parts(size, base_segments(size, dirty, size), target=MIN_PART)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[int, list[tuple[str, Range]], list[StagedPart]]:
+    unit = draw(st.sampled_from([MiB, MIN_PART // 3, 7 * MiB + 13]))
+    base_size = draw(st.integers(0, 40)) * unit + draw(st.integers(0, 1000))
+    size = max(MIN_PART, draw(st.integers(0, 50)) * unit + draw(st.integers(0, 1000)))
+    dirty = [Range(draw(st.integers(0, size)), draw(st.integers(0, 12 * MiB)))
+             for _ in range(draw(st.integers(0, 6)))]
+    staged = []
+    for _ in range(draw(st.integers(0, 5))):
+        off = draw(st.integers(0, size))
+        length = draw(st.sampled_from([MIN_PART, 8 * MiB, 3 * MiB]))
+        staged.append(StagedPart(off, length, part_number_for(off, base_size), "e"))
+    return size, base_segments(size, dirty, base_size), staged
+
+
+@settings(max_examples=400, deadline=None)
+@given(layouts())
+def test_plan_invariants_hold_for_random_writes(
+    case: tuple[int, list[tuple[str, Range]], list[StagedPart]],
+) -> None:
+    size, segments, staged = case
+    parts = plan_parts(size, segments, staged, target=16 * MiB)
+    check_layout(size, segments, parts, staged)
+    # Read-modify-write stays local: besides new bytes, at most ~2 parts' worth of base
+    # bytes per dirty extent are uploaded.
+    dirty = sum(r.size for k, r in segments if k != "base")
+    extents = sum(1 for k, _ in segments if k != "base")
+    assert uploaded_bytes(parts) <= dirty + (extents + 1) * 2 * MIN_PART
+
+
+def test_multipart_etag_is_md5_of_part_md5s() -> None:
+    parts = [hashlib.md5(b"a").hexdigest(), hashlib.md5(b"b").hexdigest()]
+    digest = hashlib.md5(bytes.fromhex(parts[0]) + bytes.fromhex(parts[1])).hexdigest()
+    assert multipart_etag([f'"{p}"' for p in parts]) == f'"{digest}-2"'
+    assert multipart_etag(['"not-hex"']) is None
+
+
+# --- classification (pure) -----------------------------------------------------------------
+def client_error(code: str, status: int, op: str = "GetObject") -> bce.ClientError:
+    return bce.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        op,
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (client_error("NoSuchKey", 404), NotFound),
+        (client_error("404", 404, "HeadObject"), NotFound),
+        (client_error("NoSuchBucket", 404), NotFound),
+        (client_error("AccessDenied", 403), AccessDenied),
+        (client_error("InvalidAccessKeyId", 403), AccessDenied),
+        (client_error("SignatureDoesNotMatch", 403), AccessDenied),
+        (client_error("ExpiredToken", 400), AccessDenied),
+        (client_error("PreconditionFailed", 412), PreconditionFailed),
+        (client_error("SlowDown", 503), Throttled),
+        (client_error("TooManyRequests", 429), Throttled),
+        (client_error("InternalError", 500), TransientError),
+        (client_error("ServiceUnavailable", 503), TransientError),
+        (client_error("RequestTimeout", 400), TransientError),
+        (client_error("", 408), TransientError),
+        (client_error("EntityTooLarge", 400), ObjectTooLarge),
+        (client_error("InvalidArgument", 400), BadRequest),
+        (bce.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), TransientError),
+        (bce.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), TransientError),
+        (bce.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), TransientError),
+        (bce.ConnectionClosedError(endpoint_url="http://127.0.0.1:1"), TransientError),
+        (bce.NoCredentialsError(), AccessDenied),
+        (bce.ParamValidationError(report="bad"), BadRequest),
+        (ConnectionResetError(104, "reset"), TransientError),
+        (ValueError("a bug"), BadRequest),
+    ],
+)
+def test_classify(exc: BaseException, expected: type) -> None:
+    assert type(classify(exc)) is expected
+
+
+def test_conditional_conflict_is_not_a_plain_retry() -> None:
+    # 409 ConditionalRequestConflict means "start the multipart upload over", which only
+    # the commit can do; Blocking must not simply repeat the request.
+    err = classify(client_error("ConditionalRequestConflict", 409, "CompleteMultipartUpload"))
+    assert not isinstance(err, Throttled | TransientError | PreconditionFailed)
+
+
+# --- fixtures against moto ---------------------------------------------------------------------
+@pytest.fixture
+def moto(server_for: Callable[[str], Any]) -> MotoServer:
+    return server_for("s3")
+
+
+@pytest.fixture
+def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, "s3")
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[Proxy]:
+    with Proxy(moto.url) as p:
+        yield p
+
+
+def bucket_of(env: StoreEnv) -> str:
+    return env.url.removeprefix("s3://").split("/")[0]
+
+
+def via(env: StoreEnv, proxy: Proxy) -> StoreEnv:
+    return s3_env.env_for(proxy.url, bucket_of(env), proxy.url)
+
+
+@pytest.fixture
+async def store(s3env: StoreEnv, proxy: Proxy) -> AsyncIterator[S3Store]:
+    """A store on a fresh bucket, reached through the counting proxy."""
+    s = via(s3env, proxy).open(retry_timeout=10)
+    assert isinstance(s, S3Store)
+    await s.check()
+    proxy.reset()
+    yield s
+    await s.aclose()
+
+
+def ops(proxy: Proxy) -> list[str]:
+    return [s3_operation(r) for r in proxy.records]
+
+
+def same_ops(seen: Sequence[str], expected: Sequence[str | set[str]]) -> bool:
+    """Whether `seen` matches `expected`, where a set stands for requests sent in parallel
+    (one of each, in any order)."""
+    pos = 0
+    for item in expected:
+        group = [item] if isinstance(item, str) else sorted(item)
+        if sorted(seen[pos: pos + len(group)]) != group:
+            return False
+        pos += len(group)
+    return pos == len(seen)
+
+
+async def no_uploads_left(store: S3Store) -> None:
+    assert await store.list_uploads() == []
+
+
+def raw_put(moto: MotoServer, env: StoreEnv, key: str, data: bytes) -> str:
+    """Another writer, straight to moto (no proxy, no store)."""
+    resp = moto.client().put_object(Bucket=bucket_of(env), Key=f"pfx/{key}", Body=data)
+    return resp["ETag"]
+
+
+# --- commit layouts on the wire -----------------------------------------------------------------
+async def test_small_commit_is_one_conditional_put(store: S3Store, proxy: Proxy) -> None:
+    v1 = await put_bytes(store, "small", b"x" * 1000, base=None, metadata=LINEAGE)
+    assert ops(proxy) == ["PutObject"]
+    assert proxy.records[0].headers.get("if-none-match") == "*"
+    proxy.reset()
+    v2 = await put_bytes(store, "small", b"y" * 10, base=v1, metadata=LINEAGE)
+    assert ops(proxy) == ["PutObject"]
+    assert proxy.records[0].headers.get("if-match") == v1.etag
+    head = await store.head("small")
+    assert (head.etag, head.size, head.metadata) == (v2.etag, 10, LINEAGE)
+    assert abs(head.mtime - v2.mtime) < 2
+
+
+async def test_large_append_copies_server_side_and_uploads_the_tail(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    data = os.urandom(20 * MiB + 3)
+    v1 = await put_bytes(store, "big", data, base=None, metadata=LINEAGE)
+    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart",
+                          "CompleteMultipartUpload"]
+    assert proxy.stats()["bytes_up"] < len(data) + 4096
+    proxy.reset()
+    tail = b"tail bytes\n"
+    up = store.begin_upload("big", v1, BytesSource(tail, v1.size))
+    v2 = await up.commit(v1.size + len(tail), [Range(v1.size, len(tail))], LINEAGE)
+    assert same_ops(ops(proxy), ["CreateMultipartUpload", {"UploadPartCopy", "UploadPart"},
+                                 "HeadObject", "CompleteMultipartUpload"])
+    copy = next(r for r in proxy.records if s3_operation(r) == "UploadPartCopy")
+    assert copy.headers["x-amz-copy-source-range"] == f"bytes=0-{v1.size - 1}"
+    assert copy.headers["x-amz-copy-source-if-match"] == v1.etag
+    complete = proxy.records[-1]
+    assert complete.headers["if-match"] == v1.etag
+    assert proxy.stats()["bytes_up"] < len(tail) + 1024
+    assert await read_all(store, v2) == data + tail
+    assert v2.etag == (await store.head("big")).etag
+    assert await store.proves_append(v1, v2)
+    await no_uploads_left(store)
+
+
+async def test_staged_blocks_are_used_and_commit_sends_only_the_tail(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    base = os.urandom(6 * MiB)
+    v1 = await put_bytes(store, "stream", base, base=None, metadata=LINEAGE)
+    block = 8 * MiB
+    new = os.urandom(2 * block + 500)
+    n = v1.size
+    up = store.begin_upload("stream", v1, BytesSource(new, n))
+    proxy.reset()
+    await up.stage(n, new[:block])
+    await up.stage(n + block, new[block: 2 * block])
+    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart"]
+    assert up.upload_id is not None
+    proxy.reset()
+    v2 = await up.commit(n + len(new), [Range(n, len(new))], LINEAGE)
+    assert same_ops(ops(proxy), [{"UploadPartCopy", "UploadPart"}, "HeadObject",
+                                 "CompleteMultipartUpload"])
+    assert proxy.stats()["bytes_up"] < 500 + 2048
+    assert await read_all(store, v2) == base + new
+    await no_uploads_left(store)
+
+
+async def test_staging_with_small_blocks_or_a_new_key_defers_to_commit(
+    s3env: StoreEnv, proxy: Proxy,
+) -> None:
+    env = via(s3env, proxy)
+    small = open_store(env.url, StoreConfig(endpoint=env.endpoint, block_size=1 * MiB))
+    data = os.urandom(6 * MiB)
+    # A new key: its lineage is only known at commit, and S3 fixes metadata at create.
+    up = small.begin_upload("k", None, BytesSource(data))
+    await up.stage(0, data)
+    # block_size < 5 MiB: blocks can never be parts.
+    v1 = await up.commit(len(data), [Range(0, len(data))], LINEAGE)
+    up = small.begin_upload("k", v1, BytesSource(data))
+    proxy.reset()
+    await up.stage(0, data)
+    assert proxy.records == []
+    v2 = await up.commit(len(data), [Range(0, len(data))], LINEAGE)
+    assert await read_all(small, v2) == data
+    await small.aclose()
+
+
+async def test_metadata_change_at_commit_resends_staged_bytes(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    v1 = await put_bytes(store, "m", os.urandom(1000), base=None, metadata=LINEAGE)
+    data = os.urandom(6 * MiB)
+    up = store.begin_upload("m", v1, BytesSource(data))
+    await up.stage(0, data)  # staged under the base's lineage...
+    proxy.reset()
+    v2 = await up.commit(len(data), [Range(0, len(data))], {META_STREAM: "rewritten"})
+    # ... but the commit is a rewrite with a new lineage: a new upload, bytes re-sent.
+    assert ops(proxy)[:2] == ["AbortMultipartUpload", "PutObject"]
+    head = await store.head("m")
+    assert head.metadata == {META_STREAM: "rewritten"} and head.etag == v2.etag
+    assert await read_all(store, v2) == data
+    await no_uploads_left(store)
+
+
+async def test_random_writes_in_the_middle_keep_parts_over_5_mib(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    data = bytearray(os.urandom(30 * MiB))
+    v = await put_bytes(store, "rw", bytes(data), base=None, metadata={})
+    patches = [(1, b"A" * 10), (6 * MiB, b"B" * 100), (6 * MiB + 300, b"C" * 3),
+               (17 * MiB, os.urandom(2 * MiB)), (30 * MiB - 5, b"tail-and-beyond")]
+    for off, patch in patches:
+        proxy.reset()
+        size = max(len(data), off + len(patch))
+        up = store.begin_upload("rw", v, BytesSource(patch, off))
+        v = await up.commit(size, [Range(off, len(patch))], {})
+        data[off: off + len(patch)] = patch
+        # moto rejects short middle parts (EntityTooSmall) like S3, so success proves the
+        # layout; the bytes sent stay within a few parts of the patch.
+        assert proxy.stats()["bytes_up"] <= len(patch) + 2 * MIN_PART + 4096
+        assert "UploadPartCopy" in ops(proxy)
+    assert await read_all(store, v) == bytes(data)
+    await no_uploads_left(store)
+
+
+async def test_truncate_of_a_large_blob_copies_what_is_kept(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    data = os.urandom(12 * MiB)
+    v1 = await put_bytes(store, "t", data, base=None, metadata={})
+    proxy.reset()
+    v2 = await store.begin_upload("t", v1, BytesSource(b"")).commit(7 * MiB, [], {})
+    assert proxy.stats()["bytes_up"] < 1024
+    assert await read_all(store, v2) == data[: 7 * MiB]
+    v3 = await store.begin_upload("t", v2, BytesSource(b"")).commit(2 * MiB, [], {})
+    assert await read_all(store, v3) == data[: 2 * MiB]
+
+
+# --- conditions ----------------------------------------------------------------------------
+async def test_stale_base_fails_large_commit_and_leaves_no_upload(
+    store: S3Store, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    v1 = await put_bytes(store, "c", os.urandom(8 * MiB), base=None, metadata=LINEAGE)
+    raw_put(moto, s3env, "c", b"someone else")
+    up = store.begin_upload("c", v1, BytesSource(b"more", v1.size))
+    with pytest.raises(PreconditionFailed):
+        await up.commit(v1.size + 4, [Range(v1.size, 4)], LINEAGE)
+    assert await read_all(store, await store.head("c")) == b"someone else"
+    await no_uploads_left(store)
+
+
+async def test_large_new_blob_fails_if_the_key_appeared(
+    store: S3Store, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    data = os.urandom(6 * MiB)
+    up = store.begin_upload("n", None, BytesSource(data))
+    raw_put(moto, s3env, "n", b"first")
+    with pytest.raises(PreconditionFailed):
+        await up.commit(len(data), [Range(0, len(data))], {})
+    await no_uploads_left(store)
+
+
+async def test_writer_slipping_in_before_complete_is_caught_by_if_match(
+    store: S3Store, proxy: Proxy, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    """The HEAD check passes; another writer commits; S3's If-Match on Complete holds."""
+    v1 = await put_bytes(store, "race", os.urandom(8 * MiB), base=None, metadata=LINEAGE)
+    conditions = S3Conditions(moto.url)
+
+    def other_writer(kind: str, req: ProxyRequest) -> None:
+        if kind == "complete":
+            raw_put(moto, s3env, "race", b"the other writer won")
+
+    conditions.before = other_writer
+    proxy.hook = conditions
+    up = store.begin_upload("race", v1, BytesSource(b"ours", v1.size))
+    with pytest.raises(PreconditionFailed):
+        await up.commit(v1.size + 4, [Range(v1.size, 4)], LINEAGE)
+    assert conditions.rejected["complete"] == 1
+    assert "HeadObject" in ops(proxy)  # our own check ran and passed first
+    proxy.hook = None
+    assert await read_all(store, await store.head("race")) == b"the other writer won"
+    await no_uploads_left(store)
+
+
+async def test_base_changing_under_upload_part_copy_is_caught(
+    store: S3Store, proxy: Proxy, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    v1 = await put_bytes(store, "cp", os.urandom(8 * MiB), base=None, metadata=LINEAGE)
+    conditions = S3Conditions(moto.url)
+
+    def other_writer(kind: str, req: ProxyRequest) -> None:
+        if kind == "upload_part_copy":
+            raw_put(moto, s3env, "cp", os.urandom(9 * MiB))
+
+    conditions.before = other_writer
+    proxy.hook = conditions
+    up = store.begin_upload("cp", v1, BytesSource(b"ours", v1.size))
+    with pytest.raises(PreconditionFailed):
+        await up.commit(v1.size + 4, [Range(v1.size, 4)], LINEAGE)
+    assert conditions.rejected["upload_part_copy"] == 1
+    assert "CompleteMultipartUpload" not in ops(proxy)
+    await no_uploads_left(store)
+
+
+async def test_copy_is_conditional_on_the_wire(
+    store: S3Store, proxy: Proxy, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    v1 = await put_bytes(store, "src", b"payload", base=None, metadata={})
+    conditions = S3Conditions(moto.url)
+    conditions.before = lambda kind, req: raw_put(moto, s3env, "src", b"changed")
+    proxy.hook = conditions
+    with pytest.raises(PreconditionFailed):
+        await store.copy(v1, "dst", {})
+    assert conditions.rejected["copy_object"] == 1
+    proxy.hook = None
+    with pytest.raises(NotFound):
+        await store.head("dst")
+
+
+async def test_409_conflict_redoes_the_whole_large_commit(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    v1 = await put_bytes(store, "409", os.urandom(6 * MiB), base=None, metadata=LINEAGE)
+    conflicts = 0
+
+    def once(req: ProxyRequest) -> Any:
+        nonlocal conflicts
+        if req.method == "POST" and "uploadId" in req.query and not conflicts:
+            conflicts += 1
+            return error_response(409, "ConditionalRequestConflict", "a conflicting operation")
+        return None
+
+    proxy.hook = once
+    proxy.reset()
+    tail = os.urandom(100)
+    up = store.begin_upload("409", v1, BytesSource(tail, v1.size))
+    v2 = await up.commit(v1.size + 100, [Range(v1.size, 100)], LINEAGE)
+    seen = ops(proxy)
+    assert seen.count("CreateMultipartUpload") == 2
+    assert seen.count("CompleteMultipartUpload") == 2
+    assert "AbortMultipartUpload" in seen  # the first upload was released
+    assert (await store.head("409")).etag == v2.etag
+    assert (await read_all(store, v2))[-100:] == tail
+    await no_uploads_left(store)
+
+
+async def test_409_conflict_redoes_a_small_put(store: S3Store, proxy: Proxy) -> None:
+    v1 = await put_bytes(store, "p409", b"one", base=None, metadata={})
+    proxy.reset()
+    answers = [error_response(409, "ConditionalRequestConflict")]
+    proxy.hook = lambda req: answers.pop() if answers and req.method == "PUT" else None
+    v2 = await put_bytes(store, "p409", b"two", base=v1, metadata={})
+    assert ops(proxy) == ["PutObject", "PutObject"]
+    assert await read_all(store, v2) == b"two"
+
+
+async def test_complete_whose_response_was_lost_is_recognised_as_landed(
+    s3env: StoreEnv, proxy: Proxy,
+) -> None:
+    """The Complete succeeded but the connection died; the retry cannot succeed again.
+
+    The store must notice its own version is current (multipart ETag + size + metadata)
+    instead of reporting a conflict with itself.
+    """
+    store = via(s3env, proxy).open(retry_timeout=2)
+    v1 = await put_bytes(store, "lost", os.urandom(6 * MiB), base=None, metadata=LINEAGE)
+    proxy.faults = FaultPlan(rate=1.0, kinds=("reset_after",), limit=1,
+                             match=lambda r: r.method == "POST" and "uploadId" in r.query)
+    tail = b"exactly once\n"
+    up = store.begin_upload("lost", v1, BytesSource(tail, v1.size))
+    v2 = await up.commit(v1.size + len(tail), [Range(v1.size, len(tail))], LINEAGE)
+    assert proxy.faults.injected["reset_after"] == 1
+    head = await store.head("lost")
+    assert head.etag == v2.etag and head.size == v1.size + len(tail)
+    assert (await read_all(store, head)).endswith(tail)
+    await no_uploads_left(store)
+    await store.aclose()
+
+
+async def test_put_whose_response_was_lost_is_recognised_as_landed(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    v1 = await put_bytes(store, "lostput", b"a", base=None, metadata=LINEAGE)
+    proxy.reset()
+    proxy.faults = FaultPlan(rate=1.0, kinds=("reset_after",), limit=1,
+                             match=lambda r: r.method == "PUT")
+    v2 = await put_bytes(store, "lostput", b"ab", base=v1, metadata=LINEAGE)
+    assert ops(proxy) == ["PutObject", "PutObject", "HeadObject"]
+    assert (await store.head("lostput")).etag == v2.etag
+
+
+# --- failures leave nothing behind ---------------------------------------------------------------
+async def test_permanent_failure_mid_upload_aborts_it(store: S3Store, proxy: Proxy) -> None:
+    v1 = await put_bytes(store, "f", os.urandom(6 * MiB), base=None, metadata=LINEAGE)
+    proxy.hook = lambda req: (error_response(403, "AccessDenied")
+                              if req.method == "PUT" and req.header("x-amz-copy-source") is None
+                              and "uploadId" in req.query else None)
+    up = store.begin_upload("f", v1, BytesSource(b"x" * 100, v1.size))
+    with pytest.raises(AccessDenied):
+        await up.commit(v1.size + 100, [Range(v1.size, 100)], LINEAGE)
+    assert ops(proxy)[-1] == "AbortMultipartUpload"
+    proxy.hook = None
+    await no_uploads_left(store)
+    assert (await store.head("f")).etag == v1.etag
+
+
+async def test_cancelled_commit_aborts_its_upload(store: S3Store, proxy: Proxy) -> None:
+    v1 = await put_bytes(store, "cx", os.urandom(6 * MiB), base=None, metadata=LINEAGE)
+    started = trio.Event()
+    release = trio.Event()
+
+    class SlowSource:
+        async def read_pending(self, off: int, size: int) -> bytes:
+            started.set()
+            await release.wait()  # never set: the commit is cancelled while waiting
+            return b"x" * size
+
+    up = store.begin_upload("cx", v1, SlowSource())
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            await up.commit(v1.size + 10, [Range(v1.size, 10)], LINEAGE)
+
+        nursery.start_soon(run)
+        await started.wait()
+        assert up.upload_id is not None
+        nursery.cancel_scope.cancel()
+    await no_uploads_left(store)
+    assert (await store.head("cx")).etag == v1.etag
+
+
+async def test_abort_and_discard(store: S3Store, proxy: Proxy) -> None:
+    v1 = await put_bytes(store, "ab", b"1", base=None, metadata={})
+    up = store.begin_upload("ab", v1, BytesSource(b""))
+    await up.stage(0, os.urandom(MIN_PART))
+    assert len(await store.list_uploads()) == 1
+    up.discard_nowait(0)
+    await up.abort()
+    await up.abort()
+    await no_uploads_left(store)
+
+
+# --- retries ----------------------------------------------------------------------------
+async def test_injected_500s_resets_and_throttling_are_retried(
+    store: S3Store, proxy: Proxy,
+) -> None:
+    proxy.faults = FaultPlan(rate=0.3, kinds=("500", "503", "reset", "delay"), seed=7,
+                             delay=0.05)
+    big = os.urandom(12 * MiB)
+    v = await put_bytes(store, "flaky/big", big, base=None, metadata=LINEAGE)
+    expect = big
+    for i in range(6):
+        tail = b"line %d\n" % i
+        up = store.begin_upload("flaky/big", v, BytesSource(tail, v.size))
+        v = await up.commit(v.size + len(tail), [Range(v.size, len(tail))], LINEAGE)
+        expect += tail
+    for i in range(10):
+        await put_bytes(store, f"flaky/s{i}", b"small %d" % i, base=None, metadata={})
+    page = await store.list("flaky/")
+    assert len(page.objects) == 11
+    assert await read_all(store, await store.head("flaky/big")) == expect
+    assert sum(proxy.faults.injected.values()) >= 5
+    assert store.retries >= proxy.faults.injected["500"] + proxy.faults.injected["503"]
+    proxy.faults = None
+    await no_uploads_left(store)
+
+
+async def test_retries_stop_at_the_deadline(s3env: StoreEnv, proxy: Proxy) -> None:
+    store = via(s3env, proxy).open(retry_timeout=1)
+    proxy.faults = FaultPlan(rate=1.0, kinds=("500",))
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.head("anything")
+    assert time.monotonic() - t0 < 5
+    await store.aclose()
+
+
+# --- check(): the one-line mount errors ---------------------------------------------------------
+async def test_check_names_a_missing_bucket(moto: MotoServer) -> None:
+    env = s3_env.env_for(moto.url, "no-such-bucket-here", moto.url)
+    store = env.open()
+    with pytest.raises(NotFound, match="no-such-bucket-here"):
+        await store.check()
+    with pytest.raises(NotFound):
+        await store.list("")
+    await store.aclose()
+
+
+async def test_check_reports_bad_credentials(tmp_path: Path) -> None:
+    with s3_env.server(tmp_path, auth=True) as strict:
+        store = s3_env.env_for(strict.url, "any-bucket", strict.url).open()
+        with pytest.raises(AccessDenied, match="any-bucket"):
+            await store.check()
+        with pytest.raises(AccessDenied):
+            await store.head("k")
+        await store.aclose()
+
+
+async def test_check_reports_an_unreachable_endpoint() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = s3_env.env_for(url, "bucket", url).open(retry_timeout=60)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="127.0.0.1"):
+        await store.check()
+    assert time.monotonic() - t0 < 15, "mount-time check must fail fast"
+    await store.aclose()
+
+
+async def test_bad_source_urls_are_usage_errors() -> None:
+    from blobfs.errors import UsageError
+
+    with pytest.raises(UsageError):
+        open_store("s3://ab", StoreConfig())
+    with pytest.raises(UsageError):
+        open_store("s3://bucket", StoreConfig(endpoint="127.0.0.1:9000"))
+
+
+async def test_endpoint_from_environment(moto: MotoServer, s3env: StoreEnv,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+    store = open_store(s3env.url, StoreConfig())
+    assert isinstance(store, S3Store) and store.endpoint == moto.url
+    await store.check()
+    await store.aclose()
+
+
+# --- keys, prefix, listing ------------------------------------------------------------------------
+async def test_keys_are_relative_to_the_prefix(
+    store: S3Store, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    await put_bytes(store, "a/b", b"1", base=None, metadata={})
+    client = moto.client()
+    bucket = bucket_of(s3env)
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["pfx/a/b"]
+    client.put_object(Bucket=bucket, Key="outside", Body=b"x")
+    client.put_object(Bucket=bucket, Key="pfx/", Body=b"")  # the root's own marker
+    top = await store.list("")
+    assert top.objects == [] and top.prefixes == ["a/"]
+    page = await store.list("a/")
+    assert [o.key for o in page.objects] == ["a/b"]
+    with pytest.raises(NotFound):
+        await store.head("outside")
+
+
+async def test_listing_more_than_1000_keys_paginates(
+    store: S3Store, moto: MotoServer, s3env: StoreEnv,
+) -> None:
+    client = moto.client()
+    bucket = bucket_of(s3env)
+    names = [f"many/k{i:05d}" for i in range(1100)]
+
+    def create(chunk: list[str]) -> None:
+        for name in chunk:
+            client.put_object(Bucket=bucket, Key=f"pfx/{name}", Body=b"v")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(trio.to_thread.run_sync, create, names[i::8])
+    client.put_object(Bucket=bucket, Key="pfx/many/sub/x", Body=b"v")
+    proxy_pages = []
+    seen: list[str] = []
+    prefixes: list[str] = []
+    token = None
+    while True:
+        page = await store.list("many/", token=token)
+        proxy_pages.append(len(page.objects) + len(page.prefixes))
+        seen += [o.key for o in page.objects]
+        prefixes += page.prefixes
+        assert all(o.size == 1 and o.etag.startswith('"') for o in page.objects)
+        token = page.token
+        if token is None:
+            break
+    assert proxy_pages[0] == 1000 and len(proxy_pages) == 2
+    assert seen == names and prefixes == ["many/sub/"]
+    flat = await store.list("many/", delimiter="", limit=5000)
+    assert len(flat.objects) == 1000 and flat.token is not None  # S3's cap, also on moto
+
+
+async def test_read_edges_and_stale_versions(store: S3Store, moto: MotoServer,
+                                             s3env: StoreEnv) -> None:
+    v1 = await put_bytes(store, "r", b"0123456789", base=None, metadata={})
+    assert await store.read("r", v1.etag, 8, 100) == b"89"
+    assert await store.read("r", v1.etag, 10, 1) == b""
+    assert await store.read("r", v1.etag, 3, 0) == b""
+    raw_put(moto, s3env, "r", b"replaced")
+    for off, size in ((0, 1), (10, 5), (2, 0)):
+        with pytest.raises(PreconditionFailed):
+            await store.read("r", v1.etag, off, size)
+    await store.delete("r")
+    with pytest.raises(NotFound):
+        await store.read("r", v1.etag, 0, 1)
+
+
+async def test_copy_replaces_metadata(store: S3Store) -> None:
+    v1 = await put_bytes(store, "s", b"abc", base=None, metadata={META_STREAM: "old"})
+    c = await store.copy(v1, "d/e", {META_STREAM: "new"})
+    head = await store.head("d/e")
+    assert head.metadata == {META_STREAM: "new"} and head.etag == c.etag and c.size == 3
+    with pytest.raises(NotFound):
+        await store.copy(ObjectMeta("gone", 1, v1.etag, 0.0), "x", {})
+
+
+# --- the cost of an append (SPEC §2) ------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_append_cost_is_independent_of_blob_size(store: S3Store, proxy: Proxy) -> None:
+    """64 MiB blob, then 200 appends committed one by one through the store protocol."""
+    base = os.urandom(64 * MiB)
+    v = await put_bytes(store, "log", base, base=None, metadata=LINEAGE)
+    expect = bytearray(base)
+    per_commit: list[tuple[int, int, int]] = []
+    for i in range(200):
+        line = b"%05d appended through the store protocol %s\n" % (i, b"x" * (i % 37))
+        proxy.reset()
+        up = store.begin_upload("log", v, BytesSource(line, v.size))
+        v = await up.commit(v.size + len(line), [Range(v.size, len(line))], LINEAGE)
+        expect += line
+        s = proxy.stats()
+        per_commit.append((len(line), s["bytes_up"], s["write_requests"]))
+        assert s["bytes_up"] <= len(line) + 1024, f"commit {i} uploaded {s['bytes_up']} bytes"
+        assert s["write_requests"] <= 4, f"commit {i} made {s['write_requests']} writes"
+    assert await read_all(store, v) == bytes(expect)
+    appended = sum(k for k, _, _ in per_commit)
+    sent = sum(b for _, b, _ in per_commit)
+    writes = sum(w for _, _, w in per_commit)
+    print(f"\nappend cost on a 64 MiB blob: {appended} bytes appended in 200 commits, "
+          f"{sent} bytes uploaded ({(sent - appended) / 200:.0f} overhead/commit), "
+          f"{writes / 200:.1f} write requests/commit")
+    await no_uploads_left(store)

@@ -1,0 +1,228 @@
+"""The Filesystem core on the memory store, without FUSE: commits, group commit, lineage,
+conflicts, read-your-writes and the SPEC §3 reactions to remote changes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobfs.errors import FsError
+from blobfs.store.base import put_bytes, read_all
+from blobfs.store.memory import MemoryStore
+from blobfs.types import META_STREAM
+from tests.core.harness import read_file, running_fs, write_file
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> MemoryStore:
+    return MemoryStore(f"core-{request.node.name}-{os.getpid()}")
+
+
+async def test_close_commits_and_reads_back(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "a.txt", b"hello")
+        meta = await store.head("a.txt")
+        assert await read_all(store, meta) == b"hello"
+        assert await read_file(fs, "a.txt") == b"hello"
+
+
+async def test_appends_keep_stream_rewrites_change_it(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "log", b"one\n")
+        s1 = (await store.head("log")).metadata[META_STREAM]
+        attr = await fs.lookup(1, "log")
+        fh, _ = await fs.open(attr.ino, os.O_WRONLY | os.O_APPEND)
+        await fs.write(fh, 0, b"two\n")
+        await fs.flush(fh)
+        await fs.release(fh)
+        head = await store.head("log")
+        assert head.metadata[META_STREAM] == s1
+        assert await read_all(store, head) == b"one\ntwo\n"
+        fh, _ = await fs.open(attr.ino, os.O_WRONLY)
+        await fs.write(fh, 0, b"ONE")
+        await fs.flush(fh)
+        await fs.release(fh)
+        head = await store.head("log")
+        assert head.metadata[META_STREAM] != s1
+        assert await read_all(store, head) == b"ONE\ntwo\n"
+
+
+async def test_timer_commits_open_file(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path, commit_interval=0.05) as fs:
+        fh, _ = await fs.create_file(1, "live", os.O_WRONLY | os.O_CREAT)
+        await fs.write(fh, 0, b"line\n")
+        with trio.fail_after(5):
+            while True:
+                try:
+                    if (await store.head("live")).size == 5:
+                        break
+                except Exception:
+                    pass
+                await trio.sleep(0.01)
+        await fs.release(fh)
+
+
+async def test_full_blocks_are_staged_before_the_commit(store: MemoryStore,
+                                                        tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path, block_size=256 << 10) as fs:
+        fh, _ = await fs.create_file(1, "big", os.O_WRONLY | os.O_CREAT)
+        data = os.urandom(MiB + 1000)
+        for off in range(0, len(data), 128 << 10):
+            await fs.write(fh, off, data[off : off + (128 << 10)])
+        with trio.fail_after(10):  # four full blocks go up before any flush
+            while store.staged_bytes < MiB:
+                await trio.sleep(0.005)
+        assert store.commits == 0
+        await fs.flush(fh)
+        await fs.release(fh)
+        assert await read_all(store, await store.head("big")) == data
+
+
+async def test_concurrent_flushes_share_one_commit(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        fh, _ = await fs.create_file(1, "g", os.O_WRONLY | os.O_CREAT)
+        await fs.write(fh, 0, b"x" * 1000)
+        before = store.commits
+        async with trio.open_nursery() as n:
+            for _ in range(5):
+                n.start_soon(fs.fsync, fh)
+        assert store.commits - before == 1
+        await fs.release(fh)
+
+
+async def test_read_your_writes_before_commit(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "f", b"0123456789")
+        attr = await fs.lookup(1, "f")
+        fh, _ = await fs.open(attr.ino, os.O_RDWR)
+        await fs.write(fh, 3, b"abc")
+        await fs.setattr(attr.ino, size=15, fh=fh)
+        assert await fs.read(fh, 0, 100) == b"012abc6789" + bytes(5)
+        await fs.setattr(attr.ino, size=4, fh=fh)
+        await fs.setattr(attr.ino, size=8, fh=fh)
+        assert await fs.read(fh, 0, 100) == b"012a" + bytes(4)
+        await fs.flush(fh)
+        await fs.release(fh)
+        assert await read_all(store, await store.head("f")) == b"012a" + bytes(4)
+
+
+async def test_remote_append_is_followed(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path, metadata_ttl=0.0) as fs:
+        await write_file(fs, "t", b"a\n")
+        attr = await fs.lookup(1, "t")
+        fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+        assert await fs.read(fh, 0, 10) == b"a\n"
+        v1 = await store.head("t")
+        up = store.begin_upload("t", v1, _Src(b"b\n", 2))
+        from blobfs.store.base import Range
+        await up.commit(4, [Range(2, 2)], {META_STREAM: v1.metadata[META_STREAM]})
+        assert await fs.read(fh, 2, 10) == b"b\n"
+        assert (await fs.getattr(attr.ino)).size == 4
+        await fs.release(fh)
+
+
+async def test_remote_replace_gives_estale_and_delete_enoent(store: MemoryStore,
+                                                             tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path, metadata_ttl=0.0) as fs:
+        await write_file(fs, "r", b"x" * 3 * MiB)
+        attr = await fs.lookup(1, "r")
+        fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+        assert await fs.read(fh, 0, 10) == b"x" * 10
+        v1 = await store.head("r")
+        await put_bytes(store, "r", b"y" * 3 * MiB, base=v1, metadata={META_STREAM: "other"})
+        with pytest.raises(FsError) as exc:
+            await fs.read(fh, 2 * MiB, 10)
+        assert exc.value.errno == errno.ESTALE
+        await fs.release(fh)
+        fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+        assert await fs.read(fh, 0, 3) == b"yyy"
+        await store.delete("r")
+        with pytest.raises(FsError) as exc:
+            await fs.read(fh, MiB, 10)
+        assert exc.value.errno == errno.ENOENT
+        await fs.release(fh)
+
+
+async def test_conflicting_rewrite_fails_with_eio_and_keeps_data(store: MemoryStore,
+                                                                 tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "c", b"base")
+        attr = await fs.lookup(1, "c")
+        fh, _ = await fs.open(attr.ino, os.O_WRONLY)
+        await fs.write(fh, 0, b"MINE")
+        v1 = await store.head("c")
+        await put_bytes(store, "c", b"THEIRS", base=v1, metadata={META_STREAM: "z"})
+        with pytest.raises(FsError) as exc:
+            await fs.fsync(fh)
+        assert exc.value.errno == errno.EIO
+        assert await fs.read(fh, 0, 10) == b"MINE"  # still pending, not lost
+        assert await read_all(store, await store.head("c")) == b"THEIRS"
+        await fs.release(fh)
+
+
+async def test_concurrent_appends_are_rebased(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "l", b"first\n")
+        attr = await fs.lookup(1, "l")
+        fh, _ = await fs.open(attr.ino, os.O_WRONLY | os.O_APPEND)
+        await fs.write(fh, 0, b"ours\n")
+        v1 = await store.head("l")
+        from blobfs.store.base import Range
+        up = store.begin_upload("l", v1, _Src(b"theirs\n", 6))
+        await up.commit(13, [Range(6, 7)], {META_STREAM: v1.metadata[META_STREAM]})
+        await fs.fsync(fh)
+        await fs.release(fh)
+        assert await read_all(store, await store.head("l")) == b"first\ntheirs\nours\n"
+
+
+async def test_readdir_skips_bad_keys_and_dir_wins(store: MemoryStore, tmp_path: Path) -> None:
+    for key in ["ok.txt", "a", "a/inner", "bad//x", "dots/../y", "n" * 300]:
+        await put_bytes(store, key, b"1", base=None, metadata={})
+    async with running_fs(store, tmp_path) as fs:
+        names = sorted(e.name for e in await fs.readdir(1))
+        assert names == ["a", "bad", "dots", "ok.txt"]
+        a = await fs.lookup(1, "a")
+        assert a.is_dir
+        bad = await fs.lookup(1, "bad")
+        assert [e.name for e in await fs.readdir(bad.ino)] == []
+
+
+async def test_mkdir_rmdir_and_rename(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        d = await fs.mkdir(1, "d")
+        await write_file(fs, "f", b"data", parent=d.ino)
+        with pytest.raises(FsError) as exc:
+            await fs.rmdir(1, "d")
+        assert exc.value.errno == errno.ENOTEMPTY
+        await fs.rename(d.ino, "f", 1, "g")
+        assert await read_file(fs, "g") == b"data"
+        await fs.rmdir(1, "d")
+        with pytest.raises(FsError):
+            await fs.lookup(1, "d")
+        with pytest.raises(FsError) as exc:
+            await fs.link()
+        assert exc.value.errno == errno.EPERM
+
+
+async def test_shutdown_refuses_new_writers(store: MemoryStore, tmp_path: Path) -> None:
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "s", b"1")
+        fs.shutting_down = True
+        attr = await fs.lookup(1, "s")
+        with pytest.raises(FsError) as exc:
+            await fs.open(attr.ino, os.O_WRONLY)
+        assert exc.value.errno == errno.EROFS
+
+
+class _Src:
+    def __init__(self, data: bytes, off: int) -> None:
+        self.data, self.off = data, off
+
+    async def read_pending(self, off: int, size: int) -> bytes:
+        return self.data[off - self.off : off - self.off + size]

@@ -1,0 +1,89 @@
+"""Pure logic: range sets, commit layouts, option parsing, the errno table."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blobfs.config import MountConfig, parse_options, parse_size
+from blobfs.errors import (
+    AccessDenied,
+    FsError,
+    NotFound,
+    PreconditionFailed,
+    StoreUnavailable,
+    UsageError,
+    errno_for,
+)
+from blobfs.fs.extents import RangeSet
+from blobfs.store.base import Range, base_segments
+from blobfs.types import ETag, ObjectMeta, is_append_of
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 50)), max_size=20),
+       st.integers(0, 260))
+def test_rangeset_matches_a_bitmap(adds: list[tuple[int, int]], clip: int) -> None:
+    rs = RangeSet()
+    bits = [False] * 300
+    for off, size in adds:
+        rs.add(off, size)
+        for i in range(off, off + size):
+            bits[i] = True
+    rs.clip(clip)
+    bits = [b and i < clip for i, b in enumerate(bits)]
+    assert rs.total == sum(bits)
+    for r in rs:
+        assert all(bits[r.off : r.end])
+    pieces = list(rs.split(0, 300))
+    assert sum(p.size for _, p in pieces) == 300
+    for inside, p in pieces:
+        assert all(bits[i] == inside for i in range(p.off, p.end))
+
+
+def test_base_segments_layout() -> None:
+    assert base_segments(10, [Range(3, 2)], 8) == [
+        ("base", Range(0, 3)), ("dirty", Range(3, 2)), ("base", Range(5, 3)),
+        ("zero", Range(8, 2))]
+    assert base_segments(4, [Range(2, 10)], 8) == [("base", Range(0, 2)),
+                                                   ("dirty", Range(2, 2))]
+    assert base_segments(0, [], 5) == []
+
+
+def test_sizes_and_options() -> None:
+    assert parse_size("8M") == 8 << 20
+    assert parse_size("512k") == 512 << 10
+    assert parse_size("1GiB") == 1 << 30
+    opts = parse_options(["_netdev,nofail,x-systemd.automount,commit_interval=0.5", "ro"])
+    assert opts == {"commit_interval": 0.5, "read_only": True}
+    with pytest.raises(UsageError, match="unknown option"):
+        parse_options(["nope=1"])
+    with pytest.raises(UsageError, match="needs a value"):
+        parse_options(["block_size"])
+    with pytest.raises(UsageError, match="block_size must be"):
+        MountConfig.build("file:///x", "/mnt", {"block_size": 10})
+
+
+def test_errno_table() -> None:
+    assert errno_for(NotFound("k")) == (errno.ENOENT, logging.DEBUG)
+    assert errno_for(PreconditionFailed("k"))[0] == errno.ESTALE
+    assert errno_for(AccessDenied("k"))[0] == errno.EACCES
+    assert errno_for(StoreUnavailable("k"))[0] == errno.EIO
+    assert errno_for(FsError(errno.EROFS))[0] == errno.EROFS
+    assert errno_for(OSError(errno.ENOSPC, "full"))[0] == errno.ENOSPC
+    assert errno_for(RuntimeError("bug"))[0] == errno.EIO
+
+
+def test_lineage() -> None:
+    old = ObjectMeta("k", 10, ETag("a"), 0, {"blobfs_stream": "s"})
+    grown = ObjectMeta("k", 20, ETag("b"), 0, {"blobfs_stream": "s"})
+    rewritten = ObjectMeta("k", 20, ETag("c"), 0, {"blobfs_stream": "t"})
+    foreign = ObjectMeta("k", 20, ETag("d"), 0, {})
+    shrunk = ObjectMeta("k", 5, ETag("e"), 0, {"blobfs_stream": "s"})
+    assert is_append_of(grown, old)
+    assert not is_append_of(rewritten, old)
+    assert not is_append_of(foreign, old)
+    assert not is_append_of(shrunk, old)
