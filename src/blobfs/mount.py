@@ -21,6 +21,7 @@ import trio
 from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
+from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool
 from blobfs.fuse_ops import FuseOps
 from blobfs.store import open_store
@@ -76,7 +77,9 @@ def preflight(cfg: MountConfig) -> None:
         raise UsageError(f"mountpoint {mnt} is busy: something is already mounted there "
                          f"(blobfs unmount {mnt})")
     try:
-        Spool(cfg.cache_dir).prepare()
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cfg.cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
     except OSError as exc:
         raise UsageError(f"cache_dir {cfg.cache_dir} is not usable: {exc.strerror}; pick "
                          "another with -o cache_dir=DIR") from None
@@ -112,7 +115,8 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 async def serve(cfg: MountConfig, *, on_ready: object = None) -> int:
     """Mount, serve until unmounted or signalled, commit what is pending, return exit code."""
     store = await check_store(cfg)
-    spool = Spool(cfg.cache_dir)
+    spool = Spool(cfg.cache_dir, cfg.source)
+    spool.prepare()  # locks it: one running mount per source and cache_dir
     failed: list[str] = []
     async with trio.open_nursery() as nursery:
 
@@ -121,6 +125,10 @@ async def serve(cfg: MountConfig, *, on_ready: object = None) -> int:
 
         fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                invalidate=invalidate)
+        # Finish what a crashed run left in the spool before serving (SPEC §4).
+        report = await recover_spool(store, spool, fs.make_writer)
+        for writer in report.writers:
+            fs.adopt(writer)
         ops = FuseOps(fs)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))

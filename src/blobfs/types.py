@@ -17,6 +17,8 @@ ETag = NewType("ETag", str)
 # lower-case metadata keys, and Azure forbids '-' in metadata names.
 META_STREAM = "blobfs_stream"
 META_MTIME = "blobfs_mtime"
+#: A random id per commit attempt: recovery checks it to see if an interrupted commit landed.
+META_COMMIT = "blobfs_commit"
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ async def test_list_prefix_delimiter_pagination(store: ObjectStore) -> None:
         pages += 1
         files += [o.key for o in page.objects if o.key != "dir/"]  # a marker may be listed
         prefixes += page.prefixes
-        assert all(o.size == 1 and o.etag for o in page.objects)
+        assert all(o.size == 1 and o.etag for o in page.objects if o.key != "dir/")
         token = page.token
         if token is None:
             break

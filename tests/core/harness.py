@@ -21,7 +21,7 @@ O_RW_CREATE = os.O_RDWR | os.O_CREAT
 async def running_fs(store: ObjectStore, tmp: Path, **options: object) -> AsyncIterator[Filesystem]:
     cfg = MountConfig.build("memory://x", str(tmp / "mnt"), {"cache_dir": str(tmp / "cache"),
                                                              **options})
-    spool = Spool(cfg.cache_dir)
+    spool = Spool(cfg.cache_dir, store.display)
     spool.prepare()
     async with trio.open_nursery() as nursery:
         fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
@@ -30,6 +30,7 @@ async def running_fs(store: ObjectStore, tmp: Path, **options: object) -> AsyncI
             yield fs
         finally:
             nursery.cancel_scope.cancel()
+            spool.release()
 
 
 async def write_file(fs: Filesystem, name: str, data: bytes, parent: int = 1) -> None:

@@ -23,8 +23,8 @@ from blobfs.config import MountConfig
 from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError, gone, stale
 from blobfs.fs.cache import CACHE_BLOCK, BlockCache
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
-from blobfs.fs.spool import Spool
-from blobfs.fs.writer import FileWriter, new_stream
+from blobfs.fs.spool import Spool, SpoolEntry
+from blobfs.fs.writer import FileWriter, base_record, new_stream
 from blobfs.store.base import ObjectStore, put_bytes
 from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
 
@@ -393,14 +393,30 @@ class Filesystem:
         inode.open_count += 1
         return h
 
-    def _writer(self, inode: Inode) -> FileWriter:
+    async def _writer(self, inode: Inode) -> FileWriter:
         if inode.writer is None or inode.writer.detached:
-            inode.writer = FileWriter(
-                inode.key, inode.meta, self.spool.open_file(inode.key), self.store,
-                block_size=self.cfg.block_size, spawn=self._spawn,
-                stage_limiter=self._stage_limiter,
-            )
+            try:
+                entry = await trio.to_thread.run_sync(
+                    self.spool.new_entry, inode.key, base_record(inode.meta))
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise FsError(errno.ENOSPC, "spool disk full", logging.ERROR) from exc
+                raise
+            if inode.writer is None or inode.writer.detached:
+                inode.writer = self.make_writer(inode.key, inode.meta, entry)
+            else:  # another task made one while we waited
+                await entry.remove()
         return inode.writer
+
+    def make_writer(self, key: str, base: ObjectMeta | None, entry: SpoolEntry) -> FileWriter:
+        return FileWriter(key, base, entry, self.store, block_size=self.cfg.block_size,
+                          spawn=self._spawn, stage_limiter=self._stage_limiter)
+
+    def adopt(self, writer: FileWriter) -> None:
+        """Take over a writer recovery could not finish, so the timer keeps retrying it."""
+        inode = self.inodes.ensure(writer.key, False, writer.base)
+        inode.writer = writer
+        self._arm_timer(inode)
 
     async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
         self._writable()
@@ -419,7 +435,7 @@ class Filesystem:
         inode = inode or self.inodes.ensure(key, False)
         if existing is not None:
             await self._observe(inode, existing)
-        w = self._writer(inode)
+        w = await self._writer(inode)
         if existing is not None:
             await w.truncate(0)
         inode.mtime = time.time()
@@ -442,7 +458,7 @@ class Filesystem:
         if (inode.meta is None or inode.deleted) and inode.writer is None:
             raise FsError(errno.ENOENT, f"{inode.key} no longer exists")
         if flags & os.O_TRUNC:
-            w = self._writer(inode)
+            w = await self._writer(inode)
             await w.truncate(0)
             inode.mtime = time.time()
             self._arm_timer(inode)
@@ -585,7 +601,7 @@ class Filesystem:
         if not h.writable:
             raise FsError(errno.EBADF, "handle not open for writing")
         inode = h.inode
-        w = self._writer(inode)
+        w = await self._writer(inode)
         if h.append:
             off = w.size
         try:
@@ -607,7 +623,7 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             self._writable()
             await self._refresh(inode)
-            w = self._writer(inode)
+            w = await self._writer(inode)
             if size != w.size:
                 await w.truncate(size)
                 inode.mtime = time.time()

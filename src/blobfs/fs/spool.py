@@ -1,74 +1,260 @@
 """The local spool: pending bytes of each file, on disk before `write()` returns (SPEC §4).
 
-Each file with pending data owns a sparse file in CACHE_DIR/spool whose offsets mirror
-the new version, so holes read back as zeros. Disk work runs in worker threads: a write
-to the spool can stall on writeback, which must never stall the trio loop.
+Layout: CACHE_DIR/spool/SOURCE-HASH/ (mode 0700), locked by the running mount, holds one
+entry per file with pending data:
+
+- `NAME.data`, a sparse file whose offsets mirror the new version (holes read as zeros);
+- `NAME.journal`, JSON lines: a header (key, source, base version), then one record per
+  change (W write, T truncate), per commit start (P, with the commit id also sent as blob
+  metadata) and per commit end (C committed, F failed). Replaying it rebuilds the pending
+  state after a crash (`blobfs.fs.recovery`).
+
+Each write puts the bytes, then the record, in one worker-thread call; `write()` returns
+after both, so a killed daemon leaves every acknowledged byte described. A record that
+failed half-way (disk full) is cut off again, so the journal never holds a torn line
+followed by more records. The journal is rewritten (new file + rename) when it grows
+large or pending data moves (rebase), so the switch is atomic.
+
+Disk work runs in worker threads: a write can stall on writeback, which must never stall
+the trio loop. Must not know: FUSE, SDKs, the inode table.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from blobfs.errors import UsageError
+
 _limiter = trio.CapacityLimiter(4)
+#: Rewrite a journal once it passes this many bytes (keeps replay fast).
+COMPACT_AT = 1 << 20
+
+
+def source_dir_name(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 class Spool:
-    """The spool directory of one mount."""
+    """The spool directory of one mount (one source)."""
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.root = cache_dir / "spool"
+    def __init__(self, cache_dir: Path, source: str = "") -> None:
+        self.cache_dir = cache_dir
+        self.source = source
+        self.root = cache_dir / "spool" / source_dir_name(source)
+        self._lock_fd = -1
 
     def prepare(self) -> None:
-        """Create the spool with mode 0700 (blocking; called once at startup)."""
+        """Create the spool (mode 0700) and lock it for this process (blocking, startup).
+
+        Raises:
+            UsageError: another running mount of the same source uses this cache_dir.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root.parent, 0o700)
-        os.chmod(self.root, 0o700)
+        for path in (self.cache_dir, self.cache_dir / "spool", self.root):
+            os.chmod(path, 0o700)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UsageError(
+                    f"cache_dir {self.cache_dir} is in use by another mount of {self.source}:"
+                    " give this mount its own -o cache_dir=DIR") from None
+            raise
+        self._lock_fd = fd
 
-    def open_file(self, key: str) -> SpoolFile:
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        path = self.root / f"{digest}-{secrets.token_hex(4)}.data"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        return SpoolFile(path, fd)
+    def release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def new_entry(self, key: str, base: dict[str, Any] | None) -> SpoolEntry:
+        """A new entry for `key` on top of `base` ({etag, size, stream} or None). Blocking."""
+        name = f"{hashlib.sha256(key.encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
+        return SpoolEntry.create(self.root, name, key, self.source, base)
+
+    def entries(self) -> Iterator[Path]:
+        """Journals of entries left by earlier runs (blocking)."""
+        if self.root.is_dir():
+            yield from sorted(self.root.glob("*.journal"))
 
 
-class SpoolFile:
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd = fd
+@dataclass
+class SpoolEntry:
+    root: Path
+    name: str
+    key: str
+    source: str
+    data_fd: int
+    journal_fd: int
+    journal_size: int
 
-    async def write(self, off: int, data: bytes) -> None:
-        """Raises OSError (ENOSPC when the spool disk is full)."""
-        await trio.to_thread.run_sync(self._write_sync, off, data, limiter=_limiter)
+    @property
+    def data_path(self) -> Path:
+        return self.root / f"{self.name}.data"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / f"{self.name}.journal"
+
+    @classmethod
+    def create(cls, root: Path, name: str, key: str, source: str,
+               base: dict[str, Any] | None) -> SpoolEntry:
+        data_fd = os.open(root / f"{name}.data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        header = _line({"t": "H", "key": key, "source": source, "base": base})
+        tmp = root / f"{name}.journal.tmp"
+        journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        os.write(journal_fd, header)
+        os.rename(tmp, root / f"{name}.journal")
+        return cls(root, name, key, source, data_fd, journal_fd, len(header))
+
+    @classmethod
+    def reopen(cls, journal: Path, key: str, source: str) -> SpoolEntry:
+        """Open an entry an earlier run left behind (blocking)."""
+        name = journal.name.removesuffix(".journal")
+        data_fd = os.open(journal.parent / f"{name}.data", os.O_RDWR | os.O_CREAT, 0o600)
+        journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND)
+        return cls(journal.parent, name, key, source, data_fd, journal_fd,
+                   os.fstat(journal_fd).st_size)
+
+    # --- blocking bodies ---------------------------------------------------------------
+    def _append_sync(self, record: dict[str, Any]) -> None:
+        line = _line(record)
+        try:
+            n = os.write(self.journal_fd, line)
+            if n != len(line):
+                raise OSError(errno.ENOSPC, "short journal write")
+        except OSError:
+            os.ftruncate(self.journal_fd, self.journal_size)  # no torn record stays behind
+            raise
+        self.journal_size += len(line)
 
     def _write_sync(self, off: int, data: bytes) -> None:
         view = memoryview(data)
+        pos = off
         while view:
-            n = os.pwrite(self._fd, view, off)
-            view, off = view[n:], off + n
+            n = os.pwrite(self.data_fd, view, pos)
+            view, pos = view[n:], pos + n
+        self._append_sync({"t": "W", "o": off, "n": len(data)})
 
-    async def read(self, off: int, size: int) -> bytes:
-        """Exactly `size` bytes; holes and the part past the end read as zeros."""
-        data = await trio.to_thread.run_sync(os.pread, self._fd, size, off, limiter=_limiter)
+    def _truncate_sync(self, size: int) -> None:
+        os.ftruncate(self.data_fd, size)
+        self._append_sync({"t": "T", "s": size})
+
+    def _read_sync(self, off: int, size: int) -> bytes:
+        data = os.pread(self.data_fd, size, off)
         if len(data) < size:
             data += bytes(size - len(data))
         return data
 
+    def _close_sync(self, remove: bool) -> None:
+        for fd in (self.data_fd, self.journal_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.journal_fd = -1
+        if remove:
+            for path in (self.journal_path, self.data_path):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+
+    # --- async API (worker threads) ------------------------------------------------------
+    async def write(self, off: int, data: bytes) -> None:
+        """Raises OSError (ENOSPC when the spool disk is full)."""
+        await trio.to_thread.run_sync(self._write_sync, off, data, limiter=_limiter)
+
     async def truncate(self, size: int) -> None:
-        await trio.to_thread.run_sync(os.ftruncate, self._fd, size, limiter=_limiter)
+        await trio.to_thread.run_sync(self._truncate_sync, size, limiter=_limiter)
+
+    async def read(self, off: int, size: int) -> bytes:
+        """Exactly `size` bytes; holes and the part past the end read as zeros."""
+        return await trio.to_thread.run_sync(self._read_sync, off, size, limiter=_limiter)
+
+    async def record(self, **record: Any) -> None:
+        """Append a P/C/F record."""
+        await trio.to_thread.run_sync(self._append_sync, record, limiter=_limiter)
 
     async def remove(self) -> None:
-        await trio.to_thread.run_sync(self._remove_sync, limiter=_limiter)
+        await trio.to_thread.run_sync(self._close_sync, True, limiter=_limiter)
 
-    def _remove_sync(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    async def close(self) -> None:
+        """Close the files but keep them (the data is still pending)."""
+        await trio.to_thread.run_sync(self._close_sync, False, limiter=_limiter)
+
+    async def rewrite(self, base: dict[str, Any] | None, size: int,
+                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]]) -> None:
+        """Atomically replace this entry with a compacted one.
+
+        The new data file gets `(src_off, dst_off, length)` copies of the old data; the new
+        journal says: on top of `base`, the file is `size` bytes with `dirty` ranges.
+        """
+        await trio.to_thread.run_sync(self._rewrite_sync, base, size, moves, dirty,
+                                      limiter=_limiter)
+
+    def _rewrite_sync(self, base: dict[str, Any] | None, size: int,
+                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]]) -> None:
+        new_name = f"{self.name.split('.')[0]}.{secrets.token_hex(3)}"
+        new_data = self.root / f"{new_name}.data"
+        fd = os.open(new_data, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            for src, dst, length in moves:
+                pos = 0
+                while pos < length:
+                    chunk = os.pread(self.data_fd, min(8 << 20, length - pos), src + pos)
+                    if not chunk:
+                        break
+                    os.pwrite(fd, chunk, dst + pos)
+                    pos += len(chunk)
+            os.ftruncate(fd, size)
+            lines = [_line({"t": "H", "key": self.key, "source": self.source, "base": base})]
+            if base is not None and size < base["size"]:
+                lines.append(_line({"t": "T", "s": size}))
+            lines += [_line({"t": "W", "o": o, "n": n}) for o, n in dirty]
+            tmp = self.root / f"{new_name}.journal.tmp"
+            jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            data = b"".join(lines)
+            os.write(jfd, data)
+        except BaseException:
+            os.close(fd)
+            new_data.unlink(missing_ok=True)
+            raise
+        # The rename is the switch: before it the old entry is complete, after it the new.
+        os.rename(tmp, self.root / f"{new_name}.journal")
+        old_journal, old_data = self.journal_path, self.data_path
+        os.close(self.data_fd)
+        os.close(self.journal_fd)
+        old_journal.unlink(missing_ok=True)
+        old_data.unlink(missing_ok=True)
+        self.name, self.data_fd, self.journal_fd = new_name, fd, jfd
+        self.journal_size = len(data)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """Records of a journal; a torn last line (crash mid-append) is ignored (blocking)."""
+    records = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(raw))
+            except ValueError:
+                break
+    return records

@@ -15,18 +15,19 @@ Must not know: FUSE, SDKs, inode tables. Protocol notes: docs/design/write-path.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from blobfs.errors import NotFound, PreconditionFailed, StoreError, commit_failed
-from blobfs.fs.extents import RangeSet
-from blobfs.fs.spool import SpoolFile
+from blobfs.fs.epoch import Epoch, merge
+from blobfs.fs.spool import COMPACT_AT, SpoolEntry
 from blobfs.store.base import BlockUpload, ObjectStore, Range
-from blobfs.types import META_STREAM, ObjectMeta
+from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta
 
 log = logging.getLogger(__name__)
 
@@ -38,36 +39,17 @@ def new_stream() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
-class Epoch:
-    """Changes since the last commit, relative to a base of `base_size` bytes."""
-
-    base_size: int
-    #: Base bytes at or past this offset are gone (truncated); what is there now is dirty.
-    base_limit: int
-    dirty: RangeSet = field(default_factory=RangeSet)
-    upload: BlockUpload | None = None
-    staged: set[int] = field(default_factory=set)
-    #: Bumped for each write touching a chunk, so a stage racing a write is discarded.
-    chunk_writes: dict[int, int] = field(default_factory=dict)
-    staging: int = 0
-    idle: trio.Event = field(default_factory=trio.Event)
-    first_write_at: float = 0.0
-
-    @property
-    def append_only(self) -> bool:
-        return self.base_limit == self.base_size and self.dirty.start >= self.base_size
-
-    def shift(self, delta: int) -> None:
-        self.base_size += delta
-        self.base_limit += delta
-        self.dirty = self.dirty.shift(delta)
+def base_record(meta: ObjectMeta | None) -> dict[str, Any] | None:
+    """How a spool journal names a base version."""
+    if meta is None:
+        return None
+    return {"etag": meta.etag, "size": meta.size, "stream": meta.stream}
 
 
 class _SpoolSource:
-    """A PendingSource reading the spool, optionally through an offset shift."""
+    """A PendingSource reading the spool."""
 
-    def __init__(self, spool: SpoolFile) -> None:
+    def __init__(self, spool: SpoolEntry) -> None:
         self._spool = spool
 
     async def read_pending(self, off: int, size: int) -> bytes:
@@ -81,7 +63,7 @@ class FileWriter:
         self,
         key: str,
         base: ObjectMeta | None,
-        spool: SpoolFile,
+        spool: SpoolEntry,
         store: ObjectStore,
         *,
         block_size: int,
@@ -97,7 +79,7 @@ class FileWriter:
         self._stage_limiter = stage_limiter
         self.size = base.size if base else 0
         self.stream = (base.stream if base else None) or new_stream()
-        self.epoch = self._new_epoch(self.size)
+        self.epoch = Epoch.fresh(self.size)
         #: The epoch a commit is sending right now; its bytes are still readable here.
         self.inflight: Epoch | None = None
         self.commit_lock = trio.Lock()
@@ -114,19 +96,17 @@ class FileWriter:
         #: A brand-new key with nothing committed yet must still be created remotely.
         self._must_create = base is None
 
-    def _new_epoch(self, size: int) -> Epoch:
-        ep = Epoch(base_size=size, base_limit=size)
-        ep.idle.set()
-        return ep
+    def restore(self, size: int, epoch: Epoch) -> None:
+        """Adopt pending state replayed from the spool journal (crash recovery)."""
+        self.size = size
+        epoch.idle.set()
+        self.epoch = epoch
 
     # --- state ------------------------------------------------------------------------
     @property
     def pending(self) -> bool:
         return not self.detached and (
-            bool(self.epoch.dirty)
-            or self.epoch.base_limit < self.epoch.base_size
-            or self.size != self.epoch.base_size
-            or self._must_create
+            self.epoch.changed or self.size != self.epoch.base_size or self._must_create
         )
 
     @property
@@ -152,40 +132,27 @@ class FileWriter:
 
     async def _write_locked(self, off: int, data: bytes) -> None:
         await self.spool.write(off, data)
-        ep = self.epoch
-        if not ep.dirty and ep.base_limit == ep.base_size:
+        ep = self.epoch  # read after the await: a commit may have started a new epoch
+        if not ep.changed:
             ep.first_write_at = time.monotonic()
-        end = off + len(data)
-        if ep.base_limit < ep.base_size and end > self.size:
-            # The base was truncated below here: the hole must come from the (sparse) spool.
-            ep.dirty.add(self.size, end - self.size)
-        run = ep.dirty.add(off, len(data))
-        self.size = max(self.size, end)
+        self.size, run = ep.apply_write(self.size, off, len(data))
         self.write_seq += 1
-        self._invalidate_chunks(ep, off, end)
+        self._invalidate_chunks(ep, off, off + len(data))
         self._stage_full_chunks(ep, run)
 
     async def truncate(self, size: int) -> None:
         async with self._change_lock:
-            await self._truncate_locked(size)
-
-    async def _truncate_locked(self, size: int) -> None:
-        if size < self.size:
             await self.spool.truncate(size)
-        ep = self.epoch  # read after the await: a commit may have started a new epoch
-        if size < self.size:
-            if self.inflight is not None:
-                self.inflight.dirty.clip(size)
-            ep.dirty.clip(size)
+            ep = self.epoch
+            if size < self.size and self.inflight is not None:
+                self.inflight.apply_truncate(self.size, size)
+            ep.apply_truncate(self.size, size)
             for off in [o for o in ep.staged if o + self._block_size > size]:
                 self._discard(ep, off)
-            ep.base_limit = min(ep.base_limit, size)
-        elif size > self.size and ep.base_limit < ep.base_size:
-            ep.dirty.add(self.size, size - self.size)
-        if not ep.first_write_at:
-            ep.first_write_at = time.monotonic()
-        self.size = size
-        self.write_seq += 1
+            if not ep.first_write_at:
+                ep.first_write_at = time.monotonic()
+            self.size = size
+            self.write_seq += 1
 
     def _invalidate_chunks(self, ep: Epoch, off: int, end: int) -> None:
         for start in list(ep.staged):
@@ -253,16 +220,17 @@ class FileWriter:
             self.error = None
             return
         seq, size, ep = self.write_seq, self.size, self.epoch
-        self.epoch = self._new_epoch(size)
+        self.epoch = Epoch.fresh(size)
         self.inflight = ep
         try:
             await ep.idle.wait()
             meta = await self._commit_epoch(ep, size)
         except BaseException as exc:
             self.inflight = None
-            self._restore(ep)
+            self.epoch = merge(ep, self.epoch, self.size)
             if isinstance(exc, StoreError | OSError):
                 self.error = commit_failed(f"commit of {self.key} failed: {exc}")
+                await self._record_quietly(t="F")
                 raise self.error from exc
             raise
         self.inflight = None
@@ -272,15 +240,37 @@ class FileWriter:
         self.error = None
         self.last_commit = time.time()
         self.commits += 1
-        # Later epochs were recorded against a base of `size` bytes, which is now true.
+        await self._record_quietly(t="C", **(base_record(meta) or {}))
+        if self.spool.journal_size > COMPACT_AT:
+            await self._compact()
+
+    async def _record_quietly(self, **record: Any) -> None:
+        """Journal a commit outcome. Losing one only costs a redundant commit at recovery."""
+        try:
+            await self.spool.record(**record)
+        except OSError as exc:
+            log.warning("cannot journal a commit of %s: %s", self.key, exc)
+
+    async def _compact(self) -> None:
+        """Rewrite the journal as: the committed base plus the current epoch's changes."""
+        async with self._change_lock:
+            if self.inflight is not None:
+                return
+            dirty = [(r.off, r.size) for r in self.epoch.dirty]
+            await self.spool.rewrite(base_record(self.base), self.size,
+                                     [(o, o, n) for o, n in dirty], dirty)
 
     async def _commit_epoch(self, ep: Epoch, size: int) -> ObjectMeta:
         for _ in range(MAX_REBASES):
             append = self.base is not None and ep.append_only
             stream = self.stream if append else new_stream()
+            # The commit id travels as metadata so recovery can tell if this commit landed.
+            commit_id = secrets.token_hex(8)
+            await self.spool.record(t="P", id=commit_id, s=size)
             upload = self._upload(ep)
             try:
-                meta = await upload.commit(size, ep.dirty.ranges, {META_STREAM: stream})
+                meta = await upload.commit(size, ep.dirty.ranges,
+                                           {META_STREAM: stream, META_COMMIT: commit_id})
             except PreconditionFailed:
                 await upload.abort()
                 ep.upload = None
@@ -316,46 +306,28 @@ class FileWriter:
             or not await self._store.proves_append(base, current)
         ):
             log.error("commit of %s lost a race with another writer that replaced it; "
-                      "the pending data is kept in the spool (%s)", self.key, self.spool.path)
+                      "the pending data is kept in the spool (%s)",
+                      self.key, self.spool.data_path)
             raise PreconditionFailed(f"{self.key} was changed by another writer")
         delta = current.size - base.size
         async with self._change_lock:
-            size = await self._shift_locked(ep, size, delta, base, current)
-        self.base = current
-        return size
-
-    async def _shift_locked(self, ep: Epoch, size: int, delta: int, base: ObjectMeta,
-                            current: ObjectMeta) -> int:
-        if delta:
-            # Shift every pending byte past the old end, in the spool and in both epochs.
-            tail = await self.spool.read(base.size, self.size - base.size)
-            await self.spool.truncate(base.size)
-            await self.spool.write(current.size, tail)
-            ep.shift(delta)
-            self.epoch.shift(delta)
-            self.size += delta
-            size += delta
+            if delta:
+                # Our bytes past the old end move to the new end: a new spool entry is
+                # written and switched in atomically, so a crash leaves one or the other.
+                tail = self.size - base.size
+                ep.shift_from(base.size, delta)
+                self.epoch.shift_from(base.size, delta)
+                dirty = ep.dirty.union(self.epoch.dirty)
+                moves = [(r.off, r.off, r.size) for r in dirty if r.end <= base.size]
+                moves.append((base.size, current.size, tail))
+                await self.spool.rewrite(base_record(current), self.size + delta, moves,
+                                         [(r.off, r.size) for r in dirty])
+                self.size += delta
+                size += delta
         log.info("rebased %d pending bytes of %s onto a %d-byte version appended elsewhere",
                  size - current.size, self.key, current.size)
+        self.base = current
         return size
-
-    def _restore(self, ep: Epoch) -> None:
-        """A commit failed: fold its epoch back in front of the current one."""
-        cur = self.epoch
-        merged = Epoch(
-            base_size=ep.base_size,
-            base_limit=min(ep.base_limit, cur.base_limit),
-            dirty=ep.dirty.union(cur.dirty),
-        )
-        merged.dirty.clip(self.size)
-        if merged.base_limit < merged.base_size and self.size > merged.base_limit:
-            merged.dirty.add(merged.base_limit, self.size - merged.base_limit)
-        merged.first_write_at = ep.first_write_at or cur.first_write_at
-        merged.idle.set()
-        if cur.staging:
-            merged.idle = cur.idle
-            merged.staging = cur.staging
-        self.epoch = merged
 
     async def discard(self) -> None:
         """Drop all pending state (unlink, or the file is done and clean)."""
