@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd, rest = argv[0], argv[1:]
         if cmd == "mount":
             return cmd_mount(rest)
+        if cmd == "recover":
+            from blobfs.recover_cmd import cmd_recover
+
+            blog.setup(False)
+            return cmd_recover(rest)
         if cmd in ("unmount", "umount"):
             return cmd_unmount(rest)
         if "://" in cmd:

@@ -54,7 +54,8 @@ def _lazy_unmount(path: Path) -> None:
 
 
 def _is_mount(path: Path) -> bool:
-    target = str(path.resolve() if path.exists() else path)
+    # No stat: a dead mount answers ENOTCONN to it.
+    target = os.path.abspath(path)
     with open("/proc/mounts") as f:
         return any(line.split()[1] == target for line in f)
 

@@ -101,6 +101,7 @@ class FileWriter:
         self.size = size
         epoch.idle.set()
         self.epoch = epoch
+        self.write_seq = self.committed_seq + 1  # all of it still needs a commit
 
     # --- state ------------------------------------------------------------------------
     @property

@@ -1,0 +1,99 @@
+"""`blobfs recover`: show what a spool holds and commit it without mounting (SPEC §5).
+
+Useful when a mount cannot be started again (the machine moved, the mountpoint is gone):
+it replays every journal under CACHE_DIR/spool, prints one line per pending file, and
+unless `--list` is given commits them exactly as a mount's startup recovery would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from blobfs.config import MountConfig, StoreConfig, parse_options
+from blobfs.errors import StoreError, UsageError
+from blobfs.fs.recovery import recover_spool, replay
+from blobfs.fs.spool import Spool, read_journal
+from blobfs.fs.writer import FileWriter
+from blobfs.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def _sources(cache_dir: Path) -> dict[str, list[tuple[str, int]]]:
+    """source -> [(key, pending bytes)] for every journal in the cache dir."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for journal in sorted((cache_dir / "spool").glob("*/*.journal")):
+        try:
+            state = replay(read_journal(journal))
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            print(f"  unreadable journal {journal}: {exc}", file=sys.stderr)
+            continue
+        pending = state.epoch.dirty.total + (state.inflight.dirty.total if state.inflight else 0)
+        found.setdefault(state.source, []).append((state.key, pending))
+    return found
+
+
+async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> int:
+    failures = 0
+    for source in sources:
+        store = open_store(source, cfg)
+        spool = Spool(cache_dir, source)
+        spool.prepare()
+        try:
+            async with trio.open_nursery() as nursery:
+                limiter = trio.CapacityLimiter(4)
+
+                def make_writer(key, base, entry):  # type: ignore[no-untyped-def]
+                    return FileWriter(key, base, entry, store, block_size=cfg.block_size,
+                                      spawn=nursery.start_soon, stage_limiter=limiter)
+
+                report = await recover_spool(store, spool, make_writer)
+                for writer in report.writers:
+                    await writer.spool.close()
+            print(f"{source}: {report.summary()}")
+            failures += len(report.left_pending)
+        except StoreError as exc:
+            print(f"{source}: cannot reach the store ({exc}); the spool is unchanged")
+            failures += 1
+        finally:
+            spool.release()
+            await store.aclose()
+    return failures
+
+
+def cmd_recover(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="blobfs recover", description=__doc__)
+    p.add_argument("--cache-dir", type=Path,
+                   help="the mount's cache_dir (default: the same default as mount)")
+    p.add_argument("--list", action="store_true", help="only show what is pending")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="store options such as endpoint=URL or account=NAME")
+    args = p.parse_args(argv)
+    values = parse_options(args.options)
+    cache_dir = args.cache_dir or MountConfig.build("file:///", "/", {}).cache_dir
+    if not (cache_dir / "spool").is_dir():
+        raise UsageError(f"no spool in {cache_dir}: pass the mount's --cache-dir")
+    found = _sources(cache_dir)
+    if args.json:
+        print(json.dumps({s: [{"key": k, "pending_bytes": n} for k, n in files]
+                          for s, files in found.items()}, indent=2))
+    else:
+        for source, files in found.items():
+            print(f"{source}: {len(files)} file(s), {sum(n for _, n in files)} pending bytes")
+            for key, n in files:
+                print(f"  {key}  {n} bytes")
+        if not found:
+            print("the spool is empty")
+    if args.list or not found:
+        return 0
+    cfg = StoreConfig(endpoint=values.get("endpoint"), account=values.get("account"),
+                      api_version=values.get("api_version"),
+                      retry_timeout=values.get("retry_timeout", 60.0))
+    return 1 if trio.run(_commit_all, cache_dir, list(found), cfg) else 0
