@@ -87,3 +87,24 @@ def test_lineage() -> None:
     assert not is_append_of(rewritten, old)
     assert not is_append_of(foreign, old)
     assert not is_append_of(shrunk, old)
+
+
+def test_replay_splits_writes_at_the_commit_record() -> None:
+    from blobfs.fs.recovery import replay
+
+    records = [
+        {"t": "H", "key": "k", "source": "s", "base": None},
+        {"t": "W", "o": 0, "n": 10},
+        {"t": "P", "id": "c1", "s": 10},
+        {"t": "W", "o": 10, "n": 5},  # arrived while c1 was in flight
+    ]
+    state = replay(records)
+    assert state.inflight is not None and state.inflight_id == "c1"
+    assert [(r.off, r.size) for r in state.inflight.dirty] == [(0, 10)]
+    assert [(r.off, r.size) for r in state.epoch.dirty] == [(10, 5)]
+    assert state.size == 15
+    done = replay([*records, {"t": "C", "etag": "e", "size": 10, "stream": "x"}])
+    assert done.inflight is None and done.base == {"etag": "e", "size": 10, "stream": "x"}
+    assert [(r.off, r.size) for r in done.epoch.dirty] == [(10, 5)]
+    failed = replay([*records, {"t": "F"}])
+    assert [(r.off, r.size) for r in failed.epoch.dirty] == [(0, 15)]

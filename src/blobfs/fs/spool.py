@@ -195,17 +195,21 @@ class SpoolEntry:
         await trio.to_thread.run_sync(self._close_sync, False, limiter=_limiter)
 
     async def rewrite(self, base: dict[str, Any] | None, size: int,
-                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]]) -> None:
+                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]],
+                      commit: tuple[str, int] | None = None,
+                      after: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
         """Atomically replace this entry with a compacted one.
 
         The new data file gets `(src_off, dst_off, length)` copies of the old data; the new
-        journal says: on top of `base`, the file is `size` bytes with `dirty` ranges.
+        journal says: on top of `base`, the file has `dirty` ranges; then, if a commit
+        (id, size) is in flight, its P record and the `after` ranges written since.
         """
-        await trio.to_thread.run_sync(self._rewrite_sync, base, size, moves, dirty,
-                                      limiter=_limiter)
+        await trio.to_thread.run_sync(self._rewrite_sync, base, size, moves, dirty, commit,
+                                      list(after), limiter=_limiter)
 
     def _rewrite_sync(self, base: dict[str, Any] | None, size: int,
-                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]]) -> None:
+                      moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]],
+                      commit: tuple[str, int] | None, after: list[tuple[int, int]]) -> None:
         new_name = f"{self.name.split('.')[0]}.{secrets.token_hex(3)}"
         new_data = self.root / f"{new_name}.data"
         fd = os.open(new_data, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -223,6 +227,11 @@ class SpoolEntry:
             if base is not None and size < base["size"]:
                 lines.append(_line({"t": "T", "s": size}))
             lines += [_line({"t": "W", "o": o, "n": n}) for o, n in dirty]
+            if commit is not None:
+                lines.append(_line({"t": "P", "id": commit[0], "s": commit[1]}))
+                lines += [_line({"t": "W", "o": o, "n": n}) for o, n in after]
+            if size > max([o + n for o, n in dirty + after] + [base["size"] if base else 0]):
+                lines.append(_line({"t": "T", "s": size}))
             tmp = self.root / f"{new_name}.journal.tmp"
             jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             data = b"".join(lines)

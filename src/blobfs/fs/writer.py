@@ -126,10 +126,15 @@ class FileWriter:
         return ep.upload
 
     # --- changes ----------------------------------------------------------------------
-    async def write(self, off: int, data: bytes) -> None:
-        """Put `data` in the spool at `off`. Raises OSError (ENOSPC) from the spool."""
+    async def write(self, off: int | None, data: bytes) -> None:
+        """Put `data` in the spool at `off`, or at the end when `off` is None (O_APPEND).
+
+        The end is read under the lock: a rebase that moves it (and holds the lock while
+        it does) must not slip in between, or the bytes land inside the other writer's.
+        Raises OSError (ENOSPC) from the spool.
+        """
         async with self._change_lock:
-            await self._write_locked(off, data)
+            await self._write_locked(self.size if off is None else off, data)
 
     async def _write_locked(self, off: int, data: bytes) -> None:
         await self.spool.write(off, data)
@@ -220,12 +225,22 @@ class FileWriter:
             self.committed_seq = self.write_seq
             self.error = None
             return
-        seq, size, ep = self.write_seq, self.size, self.epoch
-        self.epoch = Epoch.fresh(size)
-        self.inflight = ep
+        async with self._change_lock:
+            # The swap and its journal record happen with no write in between, so a
+            # replay attributes every write to the right side of the commit.
+            seq, size, ep = self.write_seq, self.size, self.epoch
+            # The commit id travels as metadata so recovery can tell if the commit landed.
+            commit_id = secrets.token_hex(8)
+            try:
+                await self.spool.record(t="P", id=commit_id, s=size)
+            except OSError as exc:
+                self.error = commit_failed(f"cannot journal a commit of {self.key}: {exc}")
+                raise self.error from exc
+            self.epoch = Epoch.fresh(size)
+            self.inflight = ep
         try:
             await ep.idle.wait()
-            meta = await self._commit_epoch(ep, size)
+            meta = await self._commit_epoch(ep, size, commit_id)
         except BaseException as exc:
             self.inflight = None
             self.epoch = merge(ep, self.epoch, self.size)
@@ -261,13 +276,10 @@ class FileWriter:
             await self.spool.rewrite(base_record(self.base), self.size,
                                      [(o, o, n) for o, n in dirty], dirty)
 
-    async def _commit_epoch(self, ep: Epoch, size: int) -> ObjectMeta:
+    async def _commit_epoch(self, ep: Epoch, size: int, commit_id: str) -> ObjectMeta:
         for _ in range(MAX_REBASES):
             append = self.base is not None and ep.append_only
             stream = self.stream if append else new_stream()
-            # The commit id travels as metadata so recovery can tell if this commit landed.
-            commit_id = secrets.token_hex(8)
-            await self.spool.record(t="P", id=commit_id, s=size)
             upload = self._upload(ep)
             try:
                 meta = await upload.commit(size, ep.dirty.ranges,
@@ -276,7 +288,7 @@ class FileWriter:
                 await upload.abort()
                 ep.upload = None
                 ep.staged.clear()
-                size = await self._rebase(ep, size)
+                size = await self._rebase(ep, size, commit_id)
                 continue
             except BaseException:
                 await upload.abort()
@@ -288,7 +300,7 @@ class FileWriter:
         raise PreconditionFailed(f"{self.key}: still racing other writers after "
                                  f"{MAX_REBASES} rebases")
 
-    async def _rebase(self, ep: Epoch, size: int) -> int:
+    async def _rebase(self, ep: Epoch, size: int, commit_id: str) -> int:
         """Move our appended bytes onto the new remote end, or fail (SPEC §2).
 
         Returns the new size of the version being committed.
@@ -321,8 +333,11 @@ class FileWriter:
                 dirty = ep.dirty.union(self.epoch.dirty)
                 moves = [(r.off, r.off, r.size) for r in dirty if r.end <= base.size]
                 moves.append((base.size, current.size, tail))
-                await self.spool.rewrite(base_record(current), self.size + delta, moves,
-                                         [(r.off, r.size) for r in dirty])
+                await self.spool.rewrite(
+                    base_record(current), self.size + delta, moves,
+                    [(r.off, r.size) for r in ep.dirty],
+                    commit=(commit_id, size + delta),
+                    after=[(r.off, r.size) for r in self.epoch.dirty])
                 self.size += delta
                 size += delta
         log.info("rebased %d pending bytes of %s onto a %d-byte version appended elsewhere",
