@@ -20,12 +20,14 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit
 
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import (
     BlobBlock,
     BlobServiceClient,
     ContainerClient,
     ContainerSasPermissions,
+    ContentSettings,
     generate_container_sas,
 )
 from hypothesis import given, settings
@@ -50,6 +52,8 @@ from blobfs.store.azure import (
     max_committed_blocks,
     open_azure,
     plan_merges,
+    redact,
+    resolve_access,
 )
 from blobfs.store.base import BytesSource, Range, put_bytes, read_all
 from blobfs.types import META_STREAM, ObjectMeta
@@ -101,10 +105,17 @@ async def box(azurite: azure_env.Azurite, request: pytest.FixtureRequest) -> Asy
         api_version: str | None = None,
         url: str | None = None,
     ) -> AzureStore:
-        cfg = StoreConfig(endpoint=endpoint or azurite.endpoint, retry_timeout=retry_timeout,
-                          block_size=block_size, api_version=api_version)
-        env = environ if environ is not None else {
-            "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+        cfg = StoreConfig(
+            endpoint=endpoint or azurite.endpoint,
+            retry_timeout=retry_timeout,
+            block_size=block_size,
+            api_version=api_version,
+        )
+        env = (
+            environ
+            if environ is not None
+            else {"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+        )
         store = open_azure(url or f"az://{container}/pfx", cfg, env)
         stores.append(store)
         return store
@@ -129,8 +140,13 @@ def proxied(proxy: Proxy) -> str:
     return f"{proxy.url}/{azure_env.ACCOUNT}"
 
 
-async def append(store: AzureStore, base: ObjectMeta, data: bytes, new: bytes,
-                 metadata: Mapping[str, str] | None = None) -> ObjectMeta:
+async def append(
+    store: AzureStore,
+    base: ObjectMeta,
+    data: bytes,
+    new: bytes,
+    metadata: Mapping[str, str] | None = None,
+) -> ObjectMeta:
     """One append commit of `new` onto `base` (whose content is `data`)."""
     up = store.begin_upload(base.key, base, BytesSource(new, len(data)))
     meta = metadata if metadata is not None else dict(base.metadata)
@@ -152,7 +168,8 @@ def is_block_list_put(target: str) -> bool:
 # --- trap 1: Put Blob leaves no committed blocks ------------------------------------------------
 async def test_put_blob_has_no_blocks_and_append_keeps_its_bytes(box: Box) -> None:
     old = os.urandom(150 * KiB)
-    box.blob("pb").upload_blob(old)
+    box.blob("pb").upload_blob(old, content_settings=ContentSettings(content_type="text/x-log"))
+    assert box.blob("pb").get_blob_properties().content_settings.content_md5
     # The trap: the blob's bytes are not described by any committed block, so "old ids +
     # new ids" would commit only the new bytes while the If-Match still holds.
     assert box.committed("pb") == []
@@ -160,14 +177,19 @@ async def test_put_blob_has_no_blocks_and_append_keeps_its_bytes(box: Box) -> No
     naive.upload_blob(b"old bytes")
     etag = naive.get_blob_properties().etag
     naive.stage_block("x" * 24, b"new")
-    naive.commit_block_list([BlobBlock("x" * 24)], etag=etag,
-                            match_condition=__import__("azure.core").core.MatchConditions.IfNotModified)
+    naive.commit_block_list(
+        [BlobBlock("x" * 24)], etag=etag, match_condition=MatchConditions.IfNotModified
+    )
     assert naive.download_blob().readall() == b"new"
 
     store = box.make()
     base = await store.head("pb")
     v2 = await append(store, base, old, b"tail")
     assert await read_all(store, v2) == old + b"tail"
+    props = box.blob("pb").get_blob_properties()
+    # Content properties survive; the old MD5 does not (it no longer matches).
+    assert props.content_settings.content_type == "text/x-log"
+    assert not props.content_settings.content_md5
     blocks = box.committed("pb")
     assert sum(b.size for b in blocks) == v2.size  # the blob is now fully described by blocks
     v3 = await append(store, v2, old + b"tail", b"more")
@@ -211,8 +233,9 @@ async def test_adopts_the_block_id_length_of_another_tool(box: Box) -> None:
     store = box.make()
     data = b"".join(parts)
     meta = await store.head("foreign")
-    for i in range(40):
-        add = os.urandom(random.randint(1, 4000))
+    rng = random.Random(3)
+    for _ in range(40):
+        add = rng.randbytes(rng.randint(1, 4000))
         meta = await append(store, meta, data, add)
         data += add
     assert await read_all(store, meta) == data
@@ -284,13 +307,16 @@ async def test_rebase_after_another_commit_restages_everything(box: Box) -> None
     committed = box.committed("log")
     theirs = b"their line\n"
     raw.stage_block("t" * len(block_id_bytes(committed[0])), theirs)
-    raw.commit_block_list(committed + [BlobBlock("t" * len(block_id_bytes(committed[0])))],
-                          metadata={META_STREAM: "s"})
+    raw.commit_block_list(
+        committed + [BlobBlock("t" * len(block_id_bytes(committed[0])))],
+        metadata={META_STREAM: "s"},
+    )
     assert box.blob("log").get_block_list("uncommitted")[1] == []  # ours are gone
 
     with pytest.raises(PreconditionFailed):
-        await up.commit(len(base_data) + len(ours),
-                        [Range(len(base_data), len(ours))], {META_STREAM: "s"})
+        await up.commit(
+            len(base_data) + len(ours), [Range(len(base_data), len(ours))], {META_STREAM: "s"}
+        )
     # The rebase: a new upload on the new version, reading our bytes from the source.
     v2 = await store.head("log")
     assert await store.proves_append(v1, v2)
@@ -343,6 +369,45 @@ async def test_merges_use_local_bytes_not_put_block_from_url(box: Box, proxy: Pr
     assert not any("x-ms-copy-source" in r.headers for r in proxy.records)
     ranged_gets = [r for r in proxy.records if r.method == "GET" and "x-ms-range" in r.headers]
     assert ranged_gets, "merges read the merged blocks back"
+
+
+async def test_streaming_append_uploads_each_full_block_once(box: Box, proxy: Proxy) -> None:
+    """A full block staged at the base's end takes in the small tail blocks at once."""
+    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    data = b""
+    meta = await put_bytes(store, "s", data, base=None, metadata={META_STREAM: "s"})
+    for n in (4000, 1500, 600, 200):  # a ladder of small tail blocks
+        add = os.urandom(n)
+        meta = await append(store, meta, data, add)
+        data += add
+    tail = sum(b.size for b in box.committed("s"))
+    assert len(box.committed("s")) == 4
+    for _ in range(3):  # three commits of a stream, each one full block plus a bit
+        new = os.urandom(SMALL_BLOCK + 333)
+        before = store.staged_bytes
+        proxy.reset()
+        up = store.begin_upload("s", meta, BytesSource(new, len(data)))
+        await up.stage(len(data), new[:SMALL_BLOCK])
+        meta = await up.commit(
+            len(data) + len(new), [Range(len(data), len(new))], {META_STREAM: "s"}
+        )
+        data += new
+        assert store.staged_bytes - before == tail + len(new)  # nothing uploaded twice
+        tail = 333
+        blocks = box.committed("s")
+        assert blocks[-1].size == 333 and blocks[-2].size >= SMALL_BLOCK
+        assert len(blocks) <= max_committed_blocks(len(data), SMALL_BLOCK)
+    assert await read_all(store, meta) == data
+
+    # A write into the absorbed tail after staging: the staged block is not used.
+    new = os.urandom(SMALL_BLOCK + 10)
+    up = store.begin_upload("s", meta, BytesSource(b"PATCH" + new, len(data) - 5))
+    await up.stage(len(data), new[:SMALL_BLOCK])
+    meta = await up.commit(
+        len(data) + len(new), [Range(len(data) - 5, 5 + len(new))], {META_STREAM: "s"}
+    )
+    data = data[:-5] + b"PATCH" + new
+    assert await read_all(store, meta) == data
 
 
 # --- the block-count bound --------------------------------------------------------------------
@@ -423,10 +488,12 @@ async def test_3000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: P
     assert plain_commits >= 1000
     assert stats["write_requests"] <= 2 * 3000 + 1
     assert store.staged_bytes <= (SMALL_BLOCK.bit_length() + 2) * appended
-    report = (f"3000 appends, {appended} bytes: {len(blocks)} blocks (bound "
-              f"{max_committed_blocks(len(data), SMALL_BLOCK)}), {stats['requests']} requests, "
-              f"{stats['write_requests']} writes, {stats['bytes_up']} bytes up, "
-              f"{store.staged_bytes} staged, {plain_commits} commits without a merge")
+    report = (
+        f"3000 appends, {appended} bytes: {len(blocks)} blocks (bound "
+        f"{max_committed_blocks(len(data), SMALL_BLOCK)}), {stats['requests']} requests, "
+        f"{stats['write_requests']} writes, {stats['bytes_up']} bytes up, "
+        f"{store.staged_bytes} staged, {plain_commits} commits without a merge"
+    )
     print(report)
 
 
@@ -485,24 +552,82 @@ async def test_check_unreachable_endpoint(box: Box) -> None:
 
 def sas_token(box: Box) -> str:
     return generate_container_sas(
-        azure_env.ACCOUNT, box.container, account_key=azure_env.ACCOUNT_KEY,
-        permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True,
-                                           add=True, create=True),
+        azure_env.ACCOUNT,
+        box.container,
+        account_key=azure_env.ACCOUNT_KEY,
+        permission=ContainerSasPermissions(
+            read=True, write=True, delete=True, list=True, add=True, create=True
+        ),
         expiry=datetime.now(UTC) + timedelta(hours=1),
     )
 
 
 async def test_account_key_and_sas_token_credentials(box: Box) -> None:
-    keyed = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
-                              "AZURE_STORAGE_KEY": azure_env.ACCOUNT_KEY})
+    keyed = box.make(
+        environ={
+            "AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+            "AZURE_STORAGE_KEY": azure_env.ACCOUNT_KEY,
+        }
+    )
     await keyed.check()
     v1 = await put_bytes(keyed, "c", b"by key", base=None, metadata={})
-    sas = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
-                            "AZURE_STORAGE_SAS_TOKEN": sas_token(box)})
+    sas = box.make(
+        environ={
+            "AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
+            "AZURE_STORAGE_SAS_TOKEN": sas_token(box),
+        }
+    )
     await sas.check()
     assert await read_all(sas, await sas.head("c")) == b"by key"
     await append(sas, v1, b"by key", b" and SAS")
     assert await read_all(keyed, await keyed.head("c")) == b"by key and SAS"
+
+
+async def test_sas_in_a_connection_string_and_endpoint_override(box: Box, proxy: Proxy) -> None:
+    conn = (
+        f"BlobEndpoint=http://127.0.0.1:1/{azure_env.ACCOUNT};"
+        f"SharedAccessSignature={sas_token(box)}"
+    )
+    # The connection string names a dead endpoint; -o endpoint= wins (here: the proxy).
+    store = box.make(endpoint=proxied(proxy), environ={"AZURE_STORAGE_CONNECTION_STRING": conn})
+    await store.check()
+    meta = await put_bytes(store, "c", b"via SAS", base=None, metadata={})
+    assert await read_all(store, meta) == b"via SAS"
+    assert proxy.records and sas_token(box).split("&sig=")[0] not in store.display
+
+
+def test_credentials_are_resolved_from_options_and_environment() -> None:
+    cfg = StoreConfig()
+    conn = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0a2V5c2VjcmV0;"
+    access = resolve_access(cfg, {"AZURE_STORAGE_CONNECTION_STRING": conn})
+    assert access.account_url == "https://acct.blob.core.windows.net"
+    assert access.credential == {"account_name": "acct", "account_key": "c2VjcmV0a2V5c2VjcmV0"}
+    assert "c2VjcmV0a2V5c2VjcmV0" in access.secrets and conn in access.secrets
+
+    dev = resolve_access(cfg, {"AZURE_STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true"})
+    assert dev.account_url == f"http://127.0.0.1:10000/{azure_env.ACCOUNT}"
+
+    keyed = resolve_access(
+        StoreConfig(account="acct2", endpoint="http://127.0.0.1:9"),
+        {"AZURE_STORAGE_KEY": "a2V5a2V5a2V5"},
+    )
+    assert keyed.account_url == "http://127.0.0.1:9/acct2"  # path-style for an address
+    sas = resolve_access(
+        StoreConfig(account="acct3"), {"AZURE_STORAGE_SAS_TOKEN": "?sv=1&sig=c2lnbmF0dXJl"}
+    )
+    assert sas.credential == "sv=1&sig=c2lnbmF0dXJl"
+    assert sas.account_url == "https://acct3.blob.core.windows.net"
+    with pytest.raises(UsageError, match="account"):
+        resolve_access(cfg, {})
+    with pytest.raises(UsageError, match="account"):
+        resolve_access(StoreConfig(endpoint="http://127.0.0.1:9"), {"AZURE_STORAGE_KEY": "k" * 12})
+    # Without azure-identity installed and no secret: anonymous (public containers).
+    anon = resolve_access(StoreConfig(account="pub"), {})
+    assert anon.source in ("anonymous", "azure-identity")
+    assert (
+        redact("x?sv=1&sig=abc%3D&se=2 AccountKey=zzz;", ["never"])
+        == "x?sv=1&sig=***&se=2 AccountKey=***;"
+    )
 
 
 async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureFixture) -> None:
@@ -511,8 +636,9 @@ async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureF
     forged_sig = base64.b64encode(b"forged signature!" * 2).decode()
     query["sig"] = forged_sig
     forged = urlencode(query)
-    store = box.make(environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
-                              "AZURE_STORAGE_SAS_TOKEN": forged})
+    store = box.make(
+        environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT, "AZURE_STORAGE_SAS_TOKEN": forged}
+    )
     failures: list[BaseException] = []
     with pytest.raises(AccessDenied) as info:
         await store.check()
@@ -520,9 +646,11 @@ async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureF
     with pytest.raises(AccessDenied) as info2:
         await store.head("x")
     failures.append(info2.value)
-    unreachable = box.make(endpoint=f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}",
-                           environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT,
-                                    "AZURE_STORAGE_SAS_TOKEN": forged}, retry_timeout=0.3)
+    unreachable = box.make(
+        endpoint=f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}",
+        environ={"AZURE_STORAGE_ACCOUNT": azure_env.ACCOUNT, "AZURE_STORAGE_SAS_TOKEN": forged},
+        retry_timeout=0.3,
+    )
     with pytest.raises(StoreUnavailable) as info3:
         await unreachable.read("x", "etag", 0, 1)  # type: ignore[arg-type]
     failures.append(info3.value)
@@ -532,7 +660,7 @@ async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureF
         assert forged not in text
         assert not isinstance(exc.__cause__, HttpResponseError)
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "sig=" in logged  # urllib3 logged the request URLs, redacted
+    assert "GET /devstoreaccount1/" in logged  # urllib3 logged the request URLs, redacted
     assert forged_sig not in logged and quote(forged_sig, safe="") not in logged
     assert forged_sig not in store.display
 
@@ -553,13 +681,15 @@ async def test_transient_faults_are_retried(box: Box, proxy: Proxy) -> None:
     assert sum(plan.injected.values()) > 5
 
 
-async def test_commit_that_landed_before_a_reset_is_not_a_conflict(
-    box: Box, proxy: Proxy
-) -> None:
+async def test_commit_that_landed_before_a_reset_is_not_a_conflict(box: Box, proxy: Proxy) -> None:
     store = box.make(endpoint=proxied(proxy))
     v1 = await put_bytes(store, "once", b"a", base=None, metadata={META_STREAM: "s"})
-    proxy.faults = FaultPlan(rate=1.0, kinds=("reset_after",), limit=1,
-                             match=lambda r: r.method == "PUT" and is_block_list_put(r.target))
+    proxy.faults = FaultPlan(
+        rate=1.0,
+        kinds=("reset_after",),
+        limit=1,
+        match=lambda r: r.method == "PUT" and is_block_list_put(r.target),
+    )
     v2 = await append(store, v1, b"a", b"b")
     assert proxy.faults.injected["reset_after"] == 1  # type: ignore[union-attr]
     head = await store.head("once")

@@ -95,13 +95,26 @@ def server(tmp: Path) -> Iterator[Azurite]:
     data.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "azurite.log"
     cmd = [
-        str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-        "--location", str(data), "--silent", "--disableTelemetry",
-        "--skipApiVersionCheck", "--loose",
+        str(AZURITE),
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--location",
+        str(data),
+        "--silent",
+        "--disableTelemetry",
+        "--skipApiVersionCheck",
+        "--loose",
     ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=dict(os.environ))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
     try:
         endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
         deadline = time.monotonic() + START_TIMEOUT

@@ -4,8 +4,9 @@
 request to the upstream, streaming bodies both ways and keeping client connections alive.
 It counts requests per method and request-body bytes (`stats()`, `reset()`), records each
 request (`records`), can inject failures (`faults`: a `FaultPlan` or a callable deciding
-per request) and can answer requests itself (`hook`), e.g. `S3Conditions`, which enforces
-the S3 conditions moto ignores.
+per request), can answer requests itself (`hook`), e.g. `S3Conditions`, which enforces
+the S3 conditions moto ignores, and can play an endpoint that is down (`go_down`,
+`come_up`, `down`): it refuses connections, or accepts and resets each one.
 
 Store-agnostic except `S3Conditions` and the shape of injected error bodies (an S3-style
 XML body plus Azure's `x-ms-error-code` header, so both SDKs classify them). Stdlib only.
@@ -38,6 +39,9 @@ _DUMMY_SIGV4 = ("AWS4-HMAC-SHA256 Credential=testing/20200101/us-east-1/s3/aws4_
 _WRITE_METHODS = {"PUT", "POST", "DELETE", "PATCH"}
 _CHUNK = 64 << 10
 FAULT_KINDS = ("500", "503", "reset", "reset_after", "delay")
+#: How a downed proxy treats clients: "refuse" closes the listening socket (connect()
+#: fails with ECONNREFUSED), "reset" accepts each connection and resets it at once.
+DOWN_MODES = ("refuse", "reset")
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     #: Idle keep-alive connections end after this long.
     timeout = 120
+    #: Headers and body go out in separate sends: with Nagle on, the client's delayed ACK
+    #: holds each response up by ~40 ms.
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
@@ -160,9 +167,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         pass  # the records are the log
 
+    def handle(self) -> None:
+        if self.server.proxy._turned_away():
+            self._reset()
+            return
+        super().handle()
+
     # --- one request -------------------------------------------------------------------
     def _handle(self) -> None:
         proxy = self.server.proxy
+        if proxy._turned_away():  # a kept-alive connection from before the outage
+            self._reset()
+            return
         headers = {k: v for k, v in self.headers.items()}
         req = ProxyRequest(self.command, self.path, headers)
         rec = RequestRecord(self.command, self.path, {k.lower(): v for k, v in headers.items()})
@@ -176,10 +192,11 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in ("500", "503"):
             self._drain(rec)
             if fault == "500":
-                resp = error_response(500, "InternalError")
+                injected = error_response(500, "InternalError")
             else:
-                resp = error_response(503, "SlowDown", headers={"x-ms-error-code": "ServerBusy"})
-            self._send(resp, rec)
+                injected = error_response(503, "SlowDown",
+                                          headers={"x-ms-error-code": "ServerBusy"})
+            self._send(injected, rec)
             return
         if fault == "delay":
             delay = getattr(decide, "delay", 0.2)
@@ -334,32 +351,91 @@ class Proxy:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+        self.port = 0
+        #: None while forwarding, else the `DOWN_MODES` entry in force.
+        self.down_mode: str | None = None
+        #: Connections reset because the proxy was down in "reset" mode.
+        self.turned_away = 0
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> Proxy:
-        server = _Server(("127.0.0.1", 0), _Handler)
+        self._listen(0)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def _listen(self, port: int) -> None:
+        # HTTPServer sets SO_REUSEADDR, so the port can be bound again after an outage.
+        server = _Server(("127.0.0.1", port), _Handler)
         server.proxy = self
         self._server = server
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, name="test-proxy",
                                         daemon=True)
         self._thread.start()
-        return self
 
-    def close(self) -> None:
-        """Stop accepting, cut open client connections, wait for the accept loop."""
+    def _stop_listening(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
         server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _cut_connections(self) -> None:
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(10)
+
+    def close(self) -> None:
+        """Stop accepting, cut open client connections, wait for the accept loop."""
+        self._stop_listening()
+        self._cut_connections()
+
+    # --- outages ----------------------------------------------------------------------------
+    def go_down(self, mode: str = "refuse") -> None:
+        """Play an endpoint that is down: cut every open connection, then refuse new ones
+        ("refuse": nothing listens on the port) or reset each at once ("reset")."""
+        if mode not in DOWN_MODES:
+            raise ValueError(f"unknown down mode {mode!r}; use {DOWN_MODES}")
+        if self.down_mode is not None:
+            raise RuntimeError(f"the proxy is already down ({self.down_mode})")
+        with self._lock:
+            self.down_mode = mode
+        if mode == "refuse":
+            self._stop_listening()
+        self._cut_connections()
+
+    def come_up(self) -> None:
+        """Forward again, on the same port.
+
+        Raises:
+            OSError: another process took the port while it was closed.
+        """
+        if self.down_mode is None:
+            return
+        if self.down_mode == "refuse":
+            self._listen(self.port)
+        with self._lock:
+            self.down_mode = None
+
+    @contextlib.contextmanager
+    def down(self, mode: str = "refuse") -> Iterator[None]:
+        """`go_down(mode)` for the duration of the block; up again however it ends."""
+        self.go_down(mode)
+        try:
+            yield
+        finally:
+            self.come_up()
+
+    def _turned_away(self) -> bool:
+        with self._lock:
+            if self.down_mode is None:
+                return False
+            self.turned_away += 1
+            return True
 
     def __enter__(self) -> Proxy:
         return self.start()

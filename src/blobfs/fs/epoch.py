@@ -4,6 +4,8 @@ through the same functions so both always agree."""
 
 from __future__ import annotations
 
+import secrets
+import uuid
 from dataclasses import dataclass, field
 
 import trio
@@ -27,6 +29,11 @@ class Epoch:
     staging: int = 0
     idle: trio.Event = field(default_factory=trio.Event)
     first_write_at: float = 0.0
+    #: Sent as blob metadata with this epoch's commit, so recovery can tell it landed.
+    #: Fixed at birth: S3 needs the metadata when the first part is staged.
+    commit_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    #: The lineage id this epoch's commit gets if it turns out not to be a pure append.
+    new_stream: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def fresh(cls, size: int) -> Epoch:
@@ -81,6 +88,7 @@ def merge(older: Epoch, newer: Epoch, size: int) -> Epoch:
     if merged.base_limit < merged.base_size and size > merged.base_limit:
         merged.dirty.add(merged.base_limit, size - merged.base_limit)
     merged.first_write_at = older.first_write_at or newer.first_write_at
+    merged.commit_id, merged.new_stream = older.commit_id, older.new_stream
     merged.idle.set()
     if newer.staging:
         merged.idle = newer.idle

@@ -15,7 +15,6 @@ Must not know: FUSE, SDKs, inode tables. Protocol notes: docs/design/write-path.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -120,9 +119,17 @@ class FileWriter:
     def _source(self) -> _SpoolSource:
         return _SpoolSource(self.spool)
 
+    def _stream_for(self, ep: Epoch) -> str:
+        """Appends keep the lineage id; anything else gets the epoch's new one."""
+        return self.stream if self.base is not None and ep.append_only else ep.new_stream
+
+    def _metadata(self, ep: Epoch) -> dict[str, str]:
+        return {META_STREAM: self._stream_for(ep), META_COMMIT: ep.commit_id}
+
     def _upload(self, ep: Epoch) -> BlockUpload:
         if ep.upload is None:
-            ep.upload = self._store.begin_upload(self.key, self.base, self._source())
+            ep.upload = self._store.begin_upload(self.key, self.base, self._source(),
+                                                 metadata=self._metadata(ep))
         return ep.upload
 
     # --- changes ----------------------------------------------------------------------
@@ -229,8 +236,7 @@ class FileWriter:
             # The swap and its journal record happen with no write in between, so a
             # replay attributes every write to the right side of the commit.
             seq, size, ep = self.write_seq, self.size, self.epoch
-            # The commit id travels as metadata so recovery can tell if the commit landed.
-            commit_id = secrets.token_hex(8)
+            commit_id = ep.commit_id
             try:
                 await self.spool.record(t="P", id=commit_id, s=size)
             except OSError as exc:
@@ -278,12 +284,10 @@ class FileWriter:
 
     async def _commit_epoch(self, ep: Epoch, size: int, commit_id: str) -> ObjectMeta:
         for _ in range(MAX_REBASES):
-            append = self.base is not None and ep.append_only
-            stream = self.stream if append else new_stream()
+            metadata = self._metadata(ep)
             upload = self._upload(ep)
             try:
-                meta = await upload.commit(size, ep.dirty.ranges,
-                                           {META_STREAM: stream, META_COMMIT: commit_id})
+                meta = await upload.commit(size, ep.dirty.ranges, metadata)
             except PreconditionFailed:
                 await upload.abort()
                 ep.upload = None
@@ -295,7 +299,7 @@ class FileWriter:
                 ep.upload = None
                 ep.staged.clear()
                 raise
-            self.stream = stream
+            self.stream = metadata[META_STREAM]
             return meta
         raise PreconditionFailed(f"{self.key}: still racing other writers after "
                                  f"{MAX_REBASES} rebases")

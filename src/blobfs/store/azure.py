@@ -51,6 +51,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import (
     BlobBlock,
     BlobClient,
@@ -72,6 +73,7 @@ from blobfs.errors import (
     ObjectTooLarge,
     PreconditionFailed,
     StoreError,
+    StoreUnavailable,
     Throttled,
     TransientError,
     UsageError,
@@ -102,8 +104,11 @@ class _RedactFilter(logging.Filter):
 # through. urllib3 logs every request URL, SAS query string included, at DEBUG: those
 # records are redacted (a filter on the logger itself, so it holds whatever the handlers).
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
-for _name in ("urllib3.connectionpool", "azure.core.pipeline.policies.http_logging_policy",
-              "azure.storage.blob._shared.policies"):
+for _name in (
+    "urllib3.connectionpool",
+    "azure.core.pipeline.policies.http_logging_policy",
+    "azure.storage.blob._shared.policies",
+):
     logging.getLogger(_name).addFilter(_RedactFilter())
 
 #: An API version Azurite 3.35 accepts (the SDK's newest is rejected with 400).
@@ -119,6 +124,8 @@ STAGE_PARALLEL = 4
 #: Bounds of the per-store caches of block layouts (total blocks) and content settings.
 LAYOUT_CACHE_BLOCKS = 200_000
 SETTINGS_CACHE_ENTRIES = 1024
+#: Seconds `check()` retries an unreachable endpoint at mount time.
+CHECK_RETRY_TIMEOUT = 10.0
 #: HTTP connections kept per host: at least the threads `Blocking` may run at once.
 POOL_SIZE = 32
 
@@ -135,11 +142,17 @@ _ACCOUNT_KEY = re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE)
 # --- errors ------------------------------------------------------------------------------
 _THROTTLE_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
 _TOO_LARGE_CODES = {
-    "RequestBodyTooLarge", "BlockCountExceedsLimit", "BlockListTooLong",
-    "BlobTooLarge", "MaxBlobSizeConditionNotMet",
+    "RequestBodyTooLarge",
+    "BlockCountExceedsLimit",
+    "BlockListTooLong",
+    "BlobTooLarge",
+    "MaxBlobSizeConditionNotMet",
 }
 _PRECONDITION_CODES = {
-    "ConditionNotMet", "BlobAlreadyExists", "SourceConditionNotMet", "TargetConditionNotMet",
+    "ConditionNotMet",
+    "BlobAlreadyExists",
+    "SourceConditionNotMet",
+    "TargetConditionNotMet",
     "BlobOverwritten",
 }
 
@@ -148,7 +161,7 @@ def _error_code(exc: HttpResponseError) -> str:
     code = getattr(exc, "error_code", None)
     code = getattr(code, "value", code)
     if not code and exc.response is not None:
-        code = exc.response.headers.get("x-ms-error-code")
+        code = getattr(exc.response, "headers", {}).get("x-ms-error-code")
     return str(code or "")
 
 
@@ -290,8 +303,12 @@ def plan_merges(
     sizes at least halve, so the count stays within `max_committed_blocks`. Cost: a byte
     is re-uploaded only as part of a left operand, whose block then grows by at least
     half, and open blocks stay below `block_size`; so each byte is re-uploaded at most
-    log_1.5(block_size) times (about 39 at 8 MiB; about log2 in practice), plus at most
-    once more when a run of small blocks is folded into a following full block.
+    log_1.5(block_size) times (about 39 at 8 MiB; about log2 in practice: 3,000 appends of
+    ~42 bytes at a 64 KiB block size staged 7.5x the appended bytes), plus at most once
+    more when a run of small blocks is folded into a following full block. A streaming
+    append avoids even that: the first full block staged at the base's end takes in the
+    ladder when it is uploaded (`AzureUpload.stage`). Every commit is Put Block(s) plus one
+    Put Block List; between merges it sends only the new bytes and the block list.
     """
     cap = MERGE_CAP_BLOCKS * block_size
     stack: list[list[Any]] = []  # [start, end, size, open]
@@ -399,7 +416,8 @@ def resolve_access(cfg: StoreConfig, environ: Mapping[str, str]) -> _Access:
         parts = _parse_connection_string(conn)
         if parts.get("usedevelopmentstorage", "").lower() == "true":
             parts = {
-                "accountname": _DEV_ACCOUNT, "accountkey": _DEV_KEY,
+                "accountname": _DEV_ACCOUNT,
+                "accountkey": _DEV_KEY,
                 "blobendpoint": f"http://127.0.0.1:10000/{_DEV_ACCOUNT}",
             }
         account = cfg.account or parts.get("accountname")
@@ -420,8 +438,12 @@ def resolve_access(cfg: StoreConfig, environ: Mapping[str, str]) -> _Access:
             credential = {"account_name": account, "account_key": key}
         elif sas:
             credential = sas
-        return _Access(_with_account(endpoint, account), credential,
-                       tuple(s for s in (conn, key, sas) if s), "connection string")
+        return _Access(
+            _with_account(endpoint, account),
+            credential,
+            tuple(s for s in (conn, key, sas) if s),
+            "connection string",
+        )
 
     account = cfg.account or environ.get("AZURE_STORAGE_ACCOUNT")
     if not account and not cfg.endpoint:
@@ -436,12 +458,15 @@ def resolve_access(cfg: StoreConfig, environ: Mapping[str, str]) -> _Access:
     if key:
         if not account:
             raise UsageError("AZURE_STORAGE_KEY needs an account name: -o account=NAME")
-        return _Access(endpoint, {"account_name": account, "account_key": key}, (key,),
-                       "account key")
+        return _Access(
+            endpoint, {"account_name": account, "account_key": key}, (key,), "account key"
+        )
     if sas:
         return _Access(endpoint, sas, (sas,), "SAS token")
     try:
-        from azure.identity import DefaultAzureCredential
+        from azure.identity import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
+            DefaultAzureCredential,
+        )
     except ImportError:
         return _Access(endpoint, None, (), "anonymous")
     return _Access(endpoint, DefaultAzureCredential(), (), "azure-identity")
@@ -483,8 +508,15 @@ class _Entry:
 
 @dataclass
 class _Staged:
+    """A block `stage()` uploaded: `size` new bytes at its offset, after `absorb` base bytes.
+
+    A block staged right at the base's end also carries the base's small tail blocks (the
+    ladder), so a streaming append does not upload its first full block twice.
+    """
+
     text_id: str
     size: int
+    absorb: int = 0
 
 
 @dataclass
@@ -540,9 +572,31 @@ class AzureUpload:
         if not data:
             return
         length = await self._block_id_length()
+        absorb = await self._tail_to_absorb(off, len(data))
+        payload = bytes(data)
+        if absorb:
+            assert self.base is not None
+            head = await self.store.read(self.key, self.base.etag, off - absorb, absorb)
+            if len(head) != absorb:
+                raise PreconditionFailed(f"{self.key}: base shorter than {off}")
+            payload = head + payload
         text_id = new_block_id(length, self._taken())
-        await self.store.put_block(self._name, text_id, bytes(data))
-        self._staged[off] = _Staged(text_id, len(data))
+        await self.store.put_block(self._name, text_id, payload)
+        self._staged[off] = _Staged(text_id, len(data), absorb)
+
+    async def _tail_to_absorb(self, off: int, size: int) -> int:
+        """How many bytes of the base's small tail blocks a block staged at `off` takes in."""
+        if self.base is None or off != self.base.size:
+            return 0
+        layout = await self._base_layout()
+        if layout is None or not _usable(layout):
+            return 0
+        sizes = [b.size for b in layout.blocks]
+        ladder = ladder_suffix(sizes, self.store.block_size)
+        absorb = sum(sizes[len(sizes) - ladder :]) if ladder else 0
+        if absorb + size > MERGE_CAP_BLOCKS * self.store.block_size:
+            return 0
+        return absorb
 
     def discard_nowait(self, off: int) -> None:
         """Forget the block staged at `off`; Azure drops it at the next commit."""
@@ -585,13 +639,17 @@ class AzureUpload:
             if end - start == 1 and first.kept is not None:
                 plan.append(_Entry(first.kept, BlockState.COMMITTED, first.size))
             elif end - start == 1 and first.staged is not None:
-                plan.append(_Entry(first.staged, BlockState.UNCOMMITTED, first.size,
-                                   (first.off, first.end)))
+                plan.append(
+                    _Entry(first.staged, BlockState.UNCOMMITTED, first.size, (first.off, first.end))
+                )
             else:
                 text_id = new_block_id(length, taken)
                 taken.add(_encode_id(text_id))
-                plan.append(_Entry(text_id, BlockState.UNCOMMITTED, last.end - first.off,
-                                   (first.off, last.end)))
+                plan.append(
+                    _Entry(
+                        text_id, BlockState.UNCOMMITTED, last.end - first.off, (first.off, last.end)
+                    )
+                )
 
         await self._stage_assembled(
             [e for e in plan if e.span is not None and e.text_id not in self._staged_ids()],
@@ -634,20 +692,28 @@ class AzureUpload:
                 if end <= size and not is_dirty(pos, end) and block.size > 0:
                     kept.append(_Piece(pos, block.size, kept=_text_id(block.name)))
                 pos = end
-        staged = {
-            off: s for off, s in self._staged.items()
-            if off + s.size <= size and inside_dirty(off, off + s.size)
-        }
+        # Staged blocks by where they start, with their length; a block that absorbed base
+        # tail blocks replaces exactly those (still whole and clean) or is not used at all.
+        staged: dict[int, tuple[str, int]] = {}
+        for off, s in self._staged.items():
+            if off + s.size > size or not inside_dirty(off, off + s.size):
+                continue
+            if s.absorb:
+                absorbed = [p for p in kept if off - s.absorb <= p.off and p.end <= off]
+                if sum(p.size for p in absorbed) != s.absorb:
+                    continue
+                kept = [p for p in kept if p not in absorbed]
+            staged[off - s.absorb] = (s.text_id, s.absorb + s.size)
 
         pieces: list[_Piece] = []
 
         def fill(start: int, end: int) -> None:
             pos = start
             while pos < end:
-                s = staged.get(pos)
-                if s is not None and pos + s.size <= end:
-                    pieces.append(_Piece(pos, s.size, staged=s.text_id))
-                    pos += s.size
+                hit = staged.get(pos)
+                if hit is not None and pos + hit[1] <= end:
+                    pieces.append(_Piece(pos, hit[1], staged=hit[0]))
+                    pos += hit[1]
                     continue
                 stop = min([end, pos + block_size] + [o for o in staged if pos < o < end])
                 pieces.append(_Piece(pos, stop - pos))
@@ -690,8 +756,11 @@ class AzureUpload:
                 parts.append(bytes(hi - lo))
         return b"".join(parts)
 
-    async def _stage_assembled(self, entries: list[_Entry], segments: list[tuple[str, Range]],
-                               ) -> None:
+    async def _stage_assembled(
+        self,
+        entries: list[_Entry],
+        segments: list[tuple[str, Range]],
+    ) -> None:
         """Assemble and Put Block each entry's span, a few at a time (memory bound)."""
         limiter = trio.CapacityLimiter(STAGE_PARALLEL)
 
@@ -714,7 +783,12 @@ class AzureUpload:
 
 #: Which failure of several parallel stagings the caller hears about: the one it must act on.
 _PRIORITY: tuple[type[StoreError], ...] = (
-    PreconditionFailed, NotFound, AccessDenied, ObjectTooLarge, BadRequest, StoreError,
+    PreconditionFailed,
+    NotFound,
+    AccessDenied,
+    ObjectTooLarge,
+    BadRequest,
+    StoreError,
 )
 
 
@@ -769,15 +843,16 @@ class AzureStore:
         )
         session = requests.Session()
         # Azure-core disables urllib3's retries the same way; `_blocking` owns retries.
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE,
-                              max_retries=Retry(total=False, redirect=False,
-                                                raise_on_status=False))
+        adapter = HTTPAdapter(
+            pool_connections=4,
+            pool_maxsize=POOL_SIZE,
+            max_retries=Retry(total=False, redirect=False, raise_on_status=False),
+        )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        from azure.core.pipeline.transport import RequestsTransport
-
-        transport = RequestsTransport(session=session, session_owner=True,
-                                      connection_timeout=20, read_timeout=120)
+        transport = RequestsTransport(
+            session=session, session_owner=True, connection_timeout=20, read_timeout=120
+        )
         try:
             self._service = BlobServiceClient(
                 access.account_url,
@@ -790,6 +865,9 @@ class AzureStore:
             raise UsageError(f"bad Azure option: {redact(str(exc), access.secrets)}") from None
         self._container: ContainerClient = self._service.get_container_client(container)
         self._blocking = Blocking(self._classify, retry_timeout=cfg.retry_timeout)
+        self._check_blocking = Blocking(
+            self._classify, retry_timeout=min(cfg.retry_timeout, CHECK_RETRY_TIMEOUT)
+        )
         self._layouts = _LayoutCache(LAYOUT_CACHE_BLOCKS)
         self._settings: OrderedDict[tuple[str, str], ContentSettings] = OrderedDict()
         #: Counters for tests and metrics.
@@ -830,8 +908,20 @@ class AzureStore:
         )
 
     def _remember_settings(self, name: str, etag: str, settings: ContentSettings | None) -> None:
+        """Keep a version's content type & co. so a commit on top of it keeps them too.
+
+        Put Block List resets every unsent property. The MD5 is left out: it described the
+        old content, and Azure stores whatever a commit claims without checking it.
+        """
         if settings is None:
             return
+        settings = ContentSettings(
+            content_type=settings.content_type,
+            content_encoding=settings.content_encoding,
+            content_language=settings.content_language,
+            content_disposition=settings.content_disposition,
+            cache_control=settings.cache_control,
+        )
         self._settings[(name, etag)] = settings
         self._settings.move_to_end((name, etag))
         while len(self._settings) > SETTINGS_CACHE_ENTRIES:
@@ -841,11 +931,15 @@ class AzureStore:
     async def check(self) -> None:
         """List one blob under the prefix: proves the container and the credentials.
 
+        Retries an unreachable endpoint only briefly (`CHECK_RETRY_TIMEOUT`): this runs at
+        mount, where a one-line error beats a minute of silence.
+
         Raises:
             NotFound: the container does not exist.
             AccessDenied: bad or missing credentials.
-            StoreUnavailable: the endpoint cannot be reached within `retry_timeout`.
+            StoreUnavailable: the endpoint cannot be reached.
         """
+
         def probe() -> None:
             pages = self._container.list_blobs(
                 name_starts_with=self.prefix or None, results_per_page=1
@@ -855,19 +949,16 @@ class AzureStore:
 
         where = _display_url(self._access.account_url)
         try:
-            await self._blocking.call("meta", probe, idempotent=True)
+            await self._check_blocking.call("meta", probe, idempotent=True)
         except NotFound:
-            raise NotFound(
-                f"container '{self.container}' does not exist at {where}: create it or fix the URL"
-            ) from None
+            raise NotFound(f"no container named '{self.container}'") from None
         except AccessDenied as exc:
             raise AccessDenied(
-                f"access to container '{self.container}' at {where} denied ({exc}; credentials "
-                f"from {self._access.source}): check AZURE_STORAGE_CONNECTION_STRING, or the "
-                "account with AZURE_STORAGE_KEY / AZURE_STORAGE_SAS_TOKEN"
+                f"{exc} for container '{self.container}' with credentials from the "
+                f"{self._access.source}"
             ) from None
-        except StoreError as exc:
-            raise type(exc)(f"cannot reach Azure at {where}: {exc}") from None
+        except (StoreUnavailable, TransientError, Throttled) as exc:
+            raise StoreUnavailable(f"cannot connect to {where}: {exc}") from None
 
     async def head(self, key: str) -> ObjectMeta:
         """Get Blob Properties (and, for blobs without lineage, the block list once per etag).
@@ -902,7 +993,10 @@ class AzureStore:
         def get() -> bytes | None:
             try:
                 stream = blob.download_blob(
-                    off, size, etag=etag, match_condition=MatchConditions.IfNotModified,
+                    off,
+                    size,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
                     max_concurrency=1,
                 )
                 return stream.readall()
@@ -936,17 +1030,21 @@ class AzureStore:
         cut = len(self.prefix)
 
         def page() -> ListPage:
+            paged: Any  # ItemPaged of BlobProperties, or of BlobProperties and BlobPrefix
             if delimiter:
                 paged = self._container.walk_blobs(
-                    name_starts_with=start or None, include=["metadata"],
-                    delimiter=delimiter, results_per_page=limit,
+                    name_starts_with=start or None,
+                    include=["metadata"],
+                    delimiter=delimiter,
+                    results_per_page=limit,
                 )
             else:
                 paged = self._container.list_blobs(
-                    name_starts_with=start or None, include=["metadata"],
+                    name_starts_with=start or None,
+                    include=["metadata"],
                     results_per_page=limit,
                 )
-            pages = paged.by_page(continuation_token=token)
+            pages: Any = paged.by_page(continuation_token=token)
             objects: list[ObjectMeta] = []
             prefixes: list[str] = []
             for item in next(pages, []):
@@ -964,9 +1062,7 @@ class AzureStore:
         with contextlib.suppress(NotFound):
             await self._call("write", key, blob.delete_blob, "include")
 
-    async def copy(
-        self, src: ObjectMeta, dst_key: str, metadata: Mapping[str, str]
-    ) -> ObjectMeta:
+    async def copy(self, src: ObjectMeta, dst_key: str, metadata: Mapping[str, str]) -> ObjectMeta:
         """Copy Blob from `src` (x-ms-source-if-match), metadata replaced; waits for it.
 
         Raises:
@@ -979,7 +1075,9 @@ class AzureStore:
 
         def start() -> dict[str, Any]:
             return dst.start_copy_from_url(
-                source.url, metadata=dict(metadata), source_etag=src.etag,
+                source.url,
+                metadata=dict(metadata),
+                source_etag=src.etag,
                 source_match_condition=MatchConditions.IfNotModified,
             )
 
@@ -997,16 +1095,22 @@ class AzureStore:
             etag, mtime = props.etag, props.last_modified
         if status != "success":
             raise TransientError(f"copy {src.key} -> {dst_key} ended as {status}")
-        meta = ObjectMeta(dst_key, src.size, _etag(etag),
-                          mtime.timestamp() if mtime else 0.0, dict(metadata))
+        meta = ObjectMeta(
+            dst_key, src.size, _etag(etag), mtime.timestamp() if mtime else 0.0, dict(metadata)
+        )
         settings = self._settings.get((self.blob_name(src.key), src.etag))
         if settings is not None:
             self._remember_settings(self.blob_name(dst_key), meta.etag, settings)
         return meta
 
     def begin_upload(
-        self, key: str, base: ObjectMeta | None, source: PendingSource
+        self,
+        key: str,
+        base: ObjectMeta | None,
+        source: PendingSource,
+        metadata: Mapping[str, str] | None = None,
     ) -> AzureUpload:
+        # Azure sets metadata with Put Block List, so the commit's metadata is enough.
         return AzureUpload(self, key, base, source)
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
@@ -1021,7 +1125,6 @@ class AzureStore:
         if new.size < old.size:
             await trio.lowlevel.checkpoint()
             return False
-        name = self.blob_name(new.key)
         old_layout = self._layouts.get(self.blob_name(old.key), old.etag)
         if old_layout is None or not old_layout.complete:
             await trio.lowlevel.checkpoint()
@@ -1030,7 +1133,6 @@ class AzureStore:
             new_layout = await self.layout(new.key, new.etag)
         except (NotFound, PreconditionFailed):
             return False
-        self._layouts.put(name, new_layout)
         n = len(old_layout.blocks)
         return (
             new_layout.complete
@@ -1111,7 +1213,8 @@ class AzureStore:
         settings = self._settings.get((name, base.etag)) if base is not None else None
         if base is not None:
             conditions: dict[str, Any] = {
-                "etag": base.etag, "match_condition": MatchConditions.IfNotModified
+                "etag": base.etag,
+                "match_condition": MatchConditions.IfNotModified,
             }
         else:
             conditions = {"match_condition": MatchConditions.IfMissing}
@@ -1138,8 +1241,12 @@ class AzureStore:
         self.commits += 1
         etag = _etag(result["etag"])
         mtime = result.get("last_modified")
-        self._layouts.put(name, _Layout(etag, size, tuple(
-            _Block(n, e.size) for n, e in zip(wanted, entries, strict=True))))
+        self._layouts.put(
+            name,
+            _Layout(
+                etag, size, tuple(_Block(n, e.size) for n, e in zip(wanted, entries, strict=True))
+            ),
+        )
         if settings is not None:
             self._remember_settings(name, etag, settings)
         return ObjectMeta(key, size, etag, mtime.timestamp() if mtime else 0.0, dict(metadata))

@@ -136,9 +136,18 @@ class ObjectStore(Protocol):
         ...
 
     def begin_upload(
-        self, key: str, base: ObjectMeta | None, source: PendingSource
+        self,
+        key: str,
+        base: ObjectMeta | None,
+        source: PendingSource,
+        metadata: Mapping[str, str] | None = None,
     ) -> BlockUpload:
-        """Start building a new version of `key` on top of `base` (None: a new key)."""
+        """Start building a new version of `key` on top of `base` (None: a new key).
+
+        `metadata` is what the commit expects to carry; S3 must fix metadata when a
+        multipart upload starts, so knowing it early lets parts go up before the commit.
+        The metadata given to `commit` wins if they differ.
+        """
         ...
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:

@@ -385,8 +385,8 @@ class LocalStore:
                    metadata: Mapping[str, str]) -> ObjectMeta:
         return await self.io.call("write", self._copy_sync, src, dst_key, dict(metadata))
 
-    def begin_upload(self, key: str, base: ObjectMeta | None,
-                     source: PendingSource) -> LocalUpload | _DirUpload:
+    def begin_upload(self, key: str, base: ObjectMeta | None, source: PendingSource,
+                     metadata: Mapping[str, str] | None = None) -> LocalUpload | _DirUpload:
         if key.endswith("/"):
             return _DirUpload(self, key, base)
         return LocalUpload(self, key, base, source)

@@ -175,8 +175,8 @@ class MemoryStore:
         self.ns[dst_key] = (entry[0], meta)
         return meta
 
-    def begin_upload(self, key: str, base: ObjectMeta | None,
-                     source: PendingSource) -> MemoryUpload:
+    def begin_upload(self, key: str, base: ObjectMeta | None, source: PendingSource,
+                     metadata: Mapping[str, str] | None = None) -> MemoryUpload:
         return MemoryUpload(self, key, base, source)
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:

@@ -17,14 +17,17 @@ S3-compatible servers differ in how strictly they honour conditions. moto 5.2.5 
 `UploadPartCopy`/`CopyObject` and reports success. The real conditions are always sent
 (real S3 enforces them atomically); in addition a large commit does a HEAD of the base
 right before `CompleteMultipartUpload`, and `copy` a conditional HEAD of the source. Those
-checks are not atomic: on a server that ignores the headers a writer that slips in
-between HEAD and Complete still loses its update. See docs in the report of issue 3.
+checks are not atomic: on a server that ignores the headers, a writer that slips in
+between HEAD and Complete still loses its update. The tests enforce the real conditions
+with a proxy in front of moto (`tests/support/proxy.py: S3Conditions`).
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import email.utils
+import functools
 import hashlib
 import logging
 import os
@@ -460,10 +463,15 @@ class S3Upload:
         self.base = base
         self._store = store
         self._source = source
+        #: Staging below this offset would be wasted: see `stage`.
+        self._stage_from = 0
         if metadata_hint is not None:
             self._expected_meta: dict[str, str] | None = _lower(metadata_hint)
         elif base is not None:
+            # Only an epoch of pure appends keeps the base's lineage; bytes staged below
+            # the base's end mean a rewrite, whose new lineage id is unknown here.
             self._expected_meta = _lower(base.metadata)
+            self._stage_from = base.size
         else:
             # A new key's lineage id is unknown until commit: staging early would only
             # upload bytes twice.
@@ -491,6 +499,7 @@ class S3Upload:
         if (
             not self._store.stage_early
             or self._expected_meta is None
+            or off < self._stage_from
             or not MIN_PART <= len(data) <= MAX_PART
             or number > MAX_PARTS
         ):
@@ -583,17 +592,37 @@ class S3Upload:
         segments = base_segments(size, dirty, base_size)
         if size < MIN_PART:
             await self._drop_mpu()
-            return await self._put(await self._assemble(segments), meta)
+            return await self._put(segments, meta)
         mpu = self._mpu
         staged = list(mpu.staged.values()) if mpu and mpu.metadata == meta else []
         parts = plan_parts(size, segments, staged)
         if len(parts) == 1 and parts[0].source == "upload":
             await self._drop_mpu()
-            return await self._put(await self._assemble(parts[0].pieces), meta)
+            return await self._put(parts[0].pieces, meta)
         mpu = await self._ensure_mpu(meta)
         etags = await self._send_parts(mpu, parts)
-        await self._check_base()
-        return await self._complete(mpu, parts, etags, size, meta)
+        listed: list[dict[str, Any]] = [{"PartNumber": p.number, "ETag": etags[p.number]}
+                                        for p in parts]
+        completing = False
+        try:
+            await self._check_base()
+            completing = True
+            resp = await self._store._call(
+                "write", "complete_multipart_upload", Key=self._store._full(self.key),
+                UploadId=mpu.upload_id, MultipartUpload={"Parts": listed}, **self._condition(),
+            )
+        except StoreError:
+            expected = multipart_etag([str(e["ETag"]) for e in listed])
+            landed = await self._landed(expected, size, meta)
+            if landed is None:
+                raise
+            if completing:
+                self._mpu = None  # it was this upload that landed: nothing to abort
+            else:
+                await self._drop_mpu()  # an earlier attempt (before a redo) landed
+            resp = landed
+        self._mpu = None  # completed: nothing left to abort
+        return ObjectMeta(self.key, size, ETag(resp["ETag"]), _response_time(resp), meta)
 
     async def _assemble(self, pieces: Sequence[tuple[str, Range]]) -> bytes:
         chunks: list[bytes] = []
@@ -610,7 +639,7 @@ class S3Upload:
             else:
                 data = bytes(r.size)
             chunks.append(data)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _send_parts(self, mpu: _Multipart, parts: Sequence[Part]) -> dict[int, str]:
         etags: dict[int, str] = {p.number: p.staged.etag for p in parts if p.staged}
@@ -631,14 +660,15 @@ class S3Upload:
                     )
                     etags[p.number] = resp["CopyPartResult"]["ETag"]
                 else:
-                    data = await self._assemble(p.pieces)
-                    resp = await self._store._call(
-                        "write", "upload_part", Key=full_key, UploadId=mpu.upload_id,
-                        PartNumber=p.number, Body=data, _md5=True,
-                    )
+                    async with self._store.payload_slots:
+                        data = await self._assemble(p.pieces)
+                        resp = await self._store._call(
+                            "write", "upload_part", Key=full_key, UploadId=mpu.upload_id,
+                            PartNumber=p.number, Body=data, _md5=True,
+                        )
                     etags[p.number] = resp["ETag"]
 
-        await _run_all([lambda p=p: send(p) for p in todo])
+        await _run_all([functools.partial(send, p) for p in todo])
         return etags
 
     async def _check_base(self) -> None:
@@ -656,32 +686,21 @@ class S3Upload:
         except PreconditionFailed:
             raise PreconditionFailed(f"{self.key} moved on from {self.base.etag}") from None
 
-    def _condition(self) -> dict[str, str]:
+    def _condition(self) -> dict[str, Any]:
         return {"IfMatch": self.base.etag} if self.base else {"IfNoneMatch": "*"}
 
-    async def _complete(self, mpu: _Multipart, parts: Sequence[Part], etags: Mapping[int, str],
-                        size: int, meta: dict[str, str]) -> ObjectMeta:
-        listed = [{"PartNumber": p.number, "ETag": etags[p.number]} for p in parts]
-        try:
-            resp = await self._store._call(
-                "write", "complete_multipart_upload", Key=self._store._full(self.key),
-                UploadId=mpu.upload_id, MultipartUpload={"Parts": listed}, **self._condition(),
-            )
-        except PreconditionFailed:
-            landed = await self._landed(multipart_etag([e["ETag"] for e in listed]), size, meta)
-            if landed is None:
-                raise
-            resp = landed
-        self._mpu = None  # completed: nothing left to abort
-        return ObjectMeta(self.key, size, ETag(resp["ETag"]), _response_time(resp), meta)
+    async def _put(self, pieces: Sequence[tuple[str, Range]],
+                   meta: dict[str, str]) -> ObjectMeta:
+        async with self._store.payload_slots:
+            return await self._put_locked(await self._assemble(pieces), meta)
 
-    async def _put(self, data: bytes, meta: dict[str, str]) -> ObjectMeta:
+    async def _put_locked(self, data: bytes, meta: dict[str, str]) -> ObjectMeta:
         try:
             resp = await self._store._call(
                 "write", "put_object", Key=self._store._full(self.key), Body=data,
                 Metadata=meta, _md5=True, **self._condition(),
             )
-        except PreconditionFailed:
+        except StoreError:
             expected = f'"{hashlib.md5(data).hexdigest()}"'
             landed = await self._landed(expected, len(data), meta)
             if landed is None:
@@ -691,19 +710,20 @@ class S3Upload:
 
     async def _landed(self, expected_etag: str | None, size: int,
                       meta: dict[str, str]) -> dict[str, Any] | None:
-        """After a 412: whether the current version is exactly what this commit wrote.
+        """After a failed publish: whether the current version is exactly what we wrote.
 
-        A request whose response was lost is retried by `Blocking`; the retry then fails its
-        own condition although the first attempt succeeded. Without this check the caller
-        would see a conflict with itself (and a rebase would append its bytes twice).
+        A request whose response was lost is retried by `Blocking`; the retry then fails
+        (412 on its own condition, NoSuchUpload, 5xx) although the first attempt succeeded.
+        Without this check the caller would see a conflict with itself, and a rebase would
+        append its bytes twice. Identical bytes and metadata give an identical ETag.
         """
         if expected_etag is None:
             return None
         try:
             head = await self._store._call("meta", "head_object",
                                            Key=self._store._full(self.key), _idempotent=True)
-        except NotFound:
-            return None
+        except StoreError:
+            return None  # cannot tell: the original failure stands
         same = (head["ETag"] == expected_etag and int(head["ContentLength"]) == size
                 and _lower(head.get("Metadata", {}) or {}) == meta)
         return dict(head) if same else None
@@ -752,6 +772,9 @@ class S3Store:
             classify, retry_timeout=min(cfg.retry_timeout, CHECK_RETRY_TIMEOUT),
             limits={"meta": 1},
         )
+        #: Held while a part or object body is in memory on its way out: however many
+        #: commits run at once, only as many bodies exist as can be sent.
+        self.payload_slots = trio.CapacityLimiter(self.limits["write"])
         #: S3 parts must be >= 5 MiB; smaller blocks are read from the source at commit.
         self.stage_early = cfg.block_size >= MIN_PART
         self._client_obj: Any = None
@@ -826,16 +849,16 @@ class S3Store:
         try:
             await self._call("meta", "list_objects_v2", Prefix=self.prefix, MaxKeys=1,
                              _idempotent=True, _blocking=self._check_blocking)
-        except NotFound as exc:
-            raise NotFound(f"bucket '{self.bucket}' does not exist ({exc}): create it or "
-                           "fix the source URL") from None
+        except NotFound:
+            raise NotFound(f"no bucket named '{self.bucket}'") from None
         except AccessDenied as exc:
-            raise AccessDenied(f"access to bucket '{self.bucket}' denied ({exc}): check the "
-                               "AWS credentials and the bucket policy") from None
+            # The mount's one-line error adds the fix; say what S3 said and about what.
+            said = str(exc).split(": ", 1)[-1]
+            raise AccessDenied(f"{said} (bucket '{self.bucket}')") from None
         except (StoreUnavailable, TransientError, Throttled) as exc:
             where = _redact_url(self.endpoint) if self.endpoint else "AWS S3"
-            raise StoreUnavailable(f"cannot reach {where} ({exc}): check -o endpoint= and "
-                                   "the network") from None
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else str(exc)
+            raise StoreUnavailable(f"cannot connect to {where}: {cause}") from None
 
     async def head(self, key: str) -> ObjectMeta:
         """The current version of `key` (checkpoints).
@@ -874,7 +897,7 @@ class S3Store:
                     return None
                 raise
             with resp["Body"] as body:
-                return body.read()
+                return bytes(body.read())
 
         run.__name__ = "s3.get_object"
         try:
@@ -980,7 +1003,7 @@ class S3Store:
                 etags[number] = resp["CopyPartResult"]["ETag"]
 
             ranges = split_copy(Range(0, src.size))
-            await _run_all([lambda n=n, r=r: one(n, r) for n, r in enumerate(ranges, 1)])
+            await _run_all([functools.partial(one, n, r) for n, r in enumerate(ranges, 1)])
             await self._verify(src.key, src.etag)
             done = await self._call(
                 "write", "complete_multipart_upload", Key=full_dst, UploadId=upload_id,
@@ -1018,12 +1041,12 @@ class S3Store:
         await trio.lowlevel.checkpoint()
         return lineage_proves_append(old, new)
 
-    async def list_uploads(self) -> list[tuple[str, str]]:
+    async def list_uploads(self) -> builtins.list[tuple[str, str]]:
         """(key, upload id) of every multipart upload in flight under the prefix.
 
         For tests and `blobfs status`: a correct store leaves none behind.
         """
-        out: list[tuple[str, str]] = []
+        out: builtins.list[tuple[str, str]] = []
         kwargs: dict[str, Any] = {"Prefix": self.prefix}
         while True:
             resp = await self._call("meta", "list_multipart_uploads", _idempotent=True, **kwargs)

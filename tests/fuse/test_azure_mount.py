@@ -1,0 +1,234 @@
+"""Azure through a real mount (Azurite): the cost of an append, the block-count bound,
+blobs other tools wrote, and the mount-time errors (SPEC §2, §3, §5).
+
+A counting `Proxy` sits between the mount and Azurite (the mount's endpoint is the proxy),
+so the test sees every request the daemon makes and every byte it uploads. "Another tool"
+is the plain Azure SDK.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
+
+from blobfs.store.azure import DEFAULT_API_VERSION, max_committed_blocks
+from tests.conftest import make_store_env
+from tests.support import azure_env
+from tests.support.envs import StoreEnv, free_port
+from tests.support.mounting import blobfs_cmd, mount_env, mounted
+from tests.support.proxy import Proxy
+
+KiB = 1 << 10
+BLOCK = 64 * KiB  # the smallest block_size: 3,000 short lines cross full blocks
+
+
+@pytest.fixture
+def azurite(server_for: Callable[[str], Any]) -> azure_env.Azurite:
+    return server_for("az")
+
+
+@pytest.fixture
+def azenv(server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, "az")
+
+
+@pytest.fixture
+def proxy(azurite: azure_env.Azurite) -> Iterator[Proxy]:
+    with Proxy(f"http://{urlsplit(azurite.endpoint).netloc}") as p:
+        yield p
+
+
+@pytest.fixture
+def raw(azurite: azure_env.Azurite, azenv: StoreEnv) -> Iterator[ContainerClient]:
+    """The container as another tool (the plain SDK) sees it."""
+    service = BlobServiceClient.from_connection_string(
+        azurite.connection_string, api_version=DEFAULT_API_VERSION, retry_total=0
+    )
+    with service:
+        yield service.get_container_client(container_of(azenv))
+
+
+def container_of(env: StoreEnv) -> str:
+    return env.url.removeprefix("az://").split("/")[0]
+
+
+def via(env: StoreEnv, endpoint: str) -> StoreEnv:
+    """`env` with the mount talking to `endpoint` (a proxy) instead of Azurite."""
+    return StoreEnv(
+        env.name, env.url, env=dict(env.env), options=[f"endpoint={endpoint}"], endpoint=endpoint
+    )
+
+
+def is_comp(target: str, comp: str) -> bool:
+    return parse_qs(urlsplit(target).query).get("comp") == [comp]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_3000_appends_through_the_mount_cost_only_the_new_bytes(
+    azenv: StoreEnv, proxy: Proxy, raw: ContainerClient, tmp_path: Path
+) -> None:
+    """3,000 open-append-close cycles of a short line: exact content, bounded blocks."""
+    env = via(azenv, f"{proxy.url}/{azure_env.ACCOUNT}")
+    expect = bytearray()
+    rows: list[tuple[int, int, int, int, bool]] = []  # line, bytes up, writes, staged, merged
+    with mounted(env, tmp_path, f"block_size={BLOCK}") as m:
+        target = m.path / "app.log"
+        target.write_bytes(b"")
+        for i in range(3000):
+            line = b"%05d an application log line %s\n" % (i, b"." * (i % 23))
+            proxy.reset()
+            with open(target, "ab") as f:  # close waits for the commit (close=sync)
+                f.write(line)
+            expect += line
+            records = list(proxy.records)
+            writes = [r for r in records if r.method in ("PUT", "POST", "DELETE")]
+            staged = sum(r.bytes_up for r in writes if is_comp(r.target, "block"))
+            merged = any(r.method == "GET" and "x-ms-range" in r.headers for r in records)
+            up = sum(r.bytes_up for r in records)
+            rows.append((len(line), up, len(writes), staged, merged))
+            assert len(writes) <= 3, (i, [(r.method, r.target) for r in writes])
+            assert sum(is_comp(r.target, "blocklist") for r in writes) == 1
+            if not merged:
+                # Between merges: the new bytes once, plus the block list.
+                assert staged == len(line), (i, staged)
+                assert up <= len(line) + 4 * KiB, (i, up)
+        assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(expect).digest()
+    blob = raw.get_blob_client("pfx/app.log")
+    assert blob.download_blob().readall() == bytes(expect)
+    blocks = blob.get_block_list("committed")[0]
+    assert sum(b.size for b in blocks) == len(expect)
+    assert len(blocks) <= len(expect) // BLOCK + BLOCK.bit_length()
+    assert len(blocks) <= max_committed_blocks(len(expect), BLOCK)
+
+    appended = sum(r[0] for r in rows)
+    sent = sum(r[1] for r in rows)
+    staged = sum(r[3] for r in rows)
+    plain = [r for r in rows if not r[4]]
+    # Merges re-upload the small tail blocks: O(log block_size) per appended byte.
+    assert staged <= (BLOCK.bit_length() + 2) * appended
+    print(
+        f"\nmount, 3000 appends to an Azure blob: {appended} bytes appended, {sent} bytes up "
+        f"({sent / 3000:.0f}/append), {staged} block bytes ({staged / appended:.1f}x), "
+        f"{sum(r[2] for r in rows) / 3000:.2f} writes/append; {len(plain)} appends without a "
+        f"merge at {sum(r[1] for r in plain) / max(1, len(plain)):.0f} bytes up each; "
+        f"{len(blocks)} committed blocks (bound {max_committed_blocks(len(expect), BLOCK)})"
+    )
+
+
+def test_put_blob_then_append_through_the_mount_keeps_the_old_bytes(
+    azenv: StoreEnv, raw: ContainerClient, tmp_path: Path
+) -> None:
+    old = os.urandom(200 * KiB + 17)
+    blob = raw.get_blob_client("pfx/data.bin")
+    blob.upload_blob(old)
+    assert blob.get_block_list("committed")[0] == []  # Put Blob: no blocks to keep
+    with mounted(azenv, tmp_path, f"block_size={BLOCK}") as m:
+        with open(m.path / "data.bin", "ab") as f:
+            f.write(b"appended\n")
+        with open(m.path / "data.bin", "ab") as f:
+            f.write(b"again\n")
+        assert (m.path / "data.bin").read_bytes() == old + b"appended\nagain\n"
+    assert blob.download_blob().readall() == old + b"appended\nagain\n"
+    blocks = blob.get_block_list("committed")[0]
+    assert sum(b.size for b in blocks) == len(old) + len(b"appended\nagain\n")
+
+
+def test_open_handle_follows_appends_proven_by_block_list(
+    azenv: StoreEnv, raw: ContainerClient, tmp_path: Path
+) -> None:
+    """Another tool appends blocks (no blobfs lineage): an open handle reads on (tail -f)."""
+    blob = raw.get_blob_client("pfx/other.log")
+    ids = ["blk-0001"]
+    blob.stage_block(ids[0], b"first line\n")
+    blob.commit_block_list([BlobBlock(i) for i in ids])
+    with mounted(azenv, tmp_path, "metadata_ttl=0.2") as m, open(m.path / "other.log", "rb") as f:
+        assert f.read() == b"first line\n"
+        ids.append("blk-0002")
+        blob.stage_block(ids[1], b"second line\n")
+        blob.commit_block_list([BlobBlock(i) for i in ids])
+        seen = b""
+        deadline = time.monotonic() + 20
+        while seen != b"second line\n":
+            assert time.monotonic() < deadline, f"the handle never saw the append: {seen!r}"
+            chunk = f.read()  # ESTALE here would raise OSError and fail the test
+            seen += chunk or b""
+            if not chunk:
+                time.sleep(0.05)  # polling a remote condition, like tail -f
+
+
+def mount_error(env: StoreEnv, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    cmd = blobfs_cmd(
+        "mount",
+        env.url,
+        str(mnt),
+        "-f",
+        "-o",
+        ",".join([f"cache_dir={tmp_path / 'cache'}", *env.options]),
+    )
+    return subprocess.run(cmd, env=mount_env(env), capture_output=True, text=True, timeout=120)
+
+
+def test_missing_container_is_a_one_line_mount_error(
+    azurite: azure_env.Azurite, tmp_path: Path
+) -> None:
+    env = StoreEnv(
+        "az",
+        "az://no-such-container-here/x",
+        env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string},
+        options=[f"endpoint={azurite.endpoint}"],
+        endpoint=azurite.endpoint,
+    )
+    result = mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "no-such-container-here" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert azure_env.ACCOUNT_KEY not in result.stderr + result.stdout
+
+
+def test_bad_key_is_a_one_line_mount_error_without_the_key(
+    azurite: azure_env.Azurite, azenv: StoreEnv, tmp_path: Path
+) -> None:
+    bad_key = base64.b64encode(b"definitely not the key" * 3).decode()
+    conn = azure_env.connection_string(azurite.endpoint, key=bad_key)
+    env = StoreEnv(
+        "az",
+        azenv.url,
+        env={"AZURE_STORAGE_CONNECTION_STRING": conn},
+        options=list(azenv.options),
+        endpoint=azenv.endpoint,
+    )
+    result = mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "denied" in result.stderr.lower() and container_of(azenv) in result.stderr
+    assert bad_key not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unreachable_endpoint_is_a_one_line_mount_error(
+    azurite: azure_env.Azurite, tmp_path: Path
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}"
+    env = StoreEnv(
+        "az",
+        "az://somewhere/x",
+        env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string},
+        options=[f"endpoint={endpoint}"],
+        endpoint=endpoint,
+    )
+    result = mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,122 @@
+"""S3 through a real mount: the cost of an append (SPEC §2) and the mount-time errors.
+
+A counting `Proxy` sits between the mount and moto (the mount's endpoint is the proxy), so
+the test sees every request the daemon makes and every byte it uploads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_store_env
+from tests.support import s3_env
+from tests.support.envs import StoreEnv, free_port
+from tests.support.mounting import blobfs_cmd, mount_env, mounted
+from tests.support.proxy import Proxy
+from tests.support.s3_env import MotoServer, s3_operation
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def moto(server_for: Callable[[str], Any]) -> MotoServer:
+    srv: MotoServer = server_for("s3")
+    return srv
+
+
+@pytest.fixture
+def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, "s3")
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[Proxy]:
+    with Proxy(moto.url) as p:
+        yield p
+
+
+def bucket_of(env: StoreEnv) -> str:
+    return env.url.removeprefix("s3://").split("/")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_appends_to_a_64_mib_blob_upload_only_the_new_bytes(
+    s3env: StoreEnv, proxy: Proxy, moto: MotoServer, tmp_path: Path,
+) -> None:
+    """64 MiB blob, then 200 open-append-close cycles of a short line through the mount."""
+    env = s3_env.env_for(proxy.url, bucket_of(s3env), proxy.url)
+    base = os.urandom(64 * MiB)
+    src = tmp_path / "base.bin"
+    src.write_bytes(base)
+    expect = bytearray(base)
+    per_append: list[tuple[int, int, int, list[str]]] = []
+    with mounted(env, tmp_path) as m:
+        target = m.path / "app.log"
+        subprocess.run(["dd", f"if={src}", f"of={target}", "bs=1M", "status=none"], check=True)
+        for i in range(200):
+            line = b"%05d an application log line %s\n" % (i, b"." * (i % 23))
+            proxy.reset()
+            with open(target, "ab") as f:  # close waits for the commit (close=sync)
+                f.write(line)
+            expect += line
+            stats = proxy.stats()
+            writes = [s3_operation(r) for r in proxy.records if r.method in ("PUT", "POST",
+                                                                             "DELETE")]
+            per_append.append((len(line), stats["bytes_up"], stats["write_requests"], writes))
+            assert stats["bytes_up"] <= len(line) + 1024, (i, stats, writes)
+            assert stats["write_requests"] <= 4, (i, writes)
+            assert "UploadPartCopy" in writes, "the previous version is copied server-side"
+        assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(expect).digest()
+    client = moto.client()
+    remote = client.get_object(Bucket=bucket_of(s3env), Key="pfx/app.log")["Body"].read()
+    assert remote == bytes(expect)
+    assert client.list_multipart_uploads(Bucket=bucket_of(s3env)).get("Uploads", []) == []
+    appended = sum(k for k, _, _, _ in per_append)
+    sent = sum(b for _, b, _, _ in per_append)
+    writes_total = sum(w for _, _, w, _ in per_append)
+    print(f"\nmount appends to a 64 MiB S3 blob: {appended} bytes appended by 200 "
+          f"open-append-close cycles, {sent} bytes uploaded "
+          f"({(sent - appended) / 200:.0f} overhead/append), "
+          f"{writes_total / 200:.2f} write requests/append")
+
+
+def _mount_error(env: StoreEnv, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    cmd = blobfs_cmd("mount", env.url, str(mnt), "-f", "-o",
+                     ",".join([f"cache_dir={tmp_path / 'cache'}", *env.options]))
+    return subprocess.run(cmd, env=mount_env(env), capture_output=True, text=True, timeout=60)
+
+
+def test_missing_bucket_is_a_one_line_mount_error(moto: MotoServer, tmp_path: Path) -> None:
+    env = s3_env.env_for(moto.url, "no-such-bucket-anywhere", moto.url)
+    result = _mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "no-such-bucket-anywhere" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unreachable_endpoint_is_a_one_line_mount_error(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = s3_env.env_for(url, "some-bucket", url)
+    result = _mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_credentials_are_a_one_line_mount_error(tmp_path: Path) -> None:
+    with s3_env.server(tmp_path, auth=True) as strict:
+        env = s3_env.env_for(strict.url, "some-bucket", strict.url)
+        result = _mount_error(env, tmp_path)
+    assert result.returncode != 0
+    assert "denied" in result.stderr and "some-bucket" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
