@@ -1,13 +1,16 @@
 """Command line: argument and fstab-option parsing, daemon mode, exit codes.
 
 `blobfs mount SOURCE MOUNTPOINT [-o opts] [-f]`, the mount(8) form
-`blobfs SOURCE MOUNTPOINT -o opts`, and `blobfs unmount MOUNTPOINT`. Bad input becomes
-one line on stderr and a non-zero exit code (documented in the README), never a traceback.
+`blobfs SOURCE MOUNTPOINT -o opts`, `blobfs unmount MOUNTPOINT`, `blobfs status` and
+`blobfs recover`. Bad input becomes one line on stderr and a non-zero exit code
+(documented in the README), never a traceback. Daemon mode (`_daemonize`) lives here: the
+parent returns only once the mount answers, and hands a systemd service over to its child.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -25,6 +28,7 @@ from blobfs import log as blog
 from blobfs.config import MountConfig, options_help, parse_options
 from blobfs.errors import UsageError
 from blobfs.store import split_source
+from blobfs.systemd import Notifier, import_credentials
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ USAGE = """\
 usage: blobfs mount SOURCE MOUNTPOINT [-o OPT[=VALUE],...] [-f] [--debug]
        blobfs SOURCE MOUNTPOINT [-o ...]          (the mount(8) / fstab form)
        blobfs unmount MOUNTPOINT
+       blobfs status [MOUNTPOINT] [--json] [--watch]
 
 SOURCE is s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR.
 """
@@ -68,6 +73,16 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
     args = p.parse_args(argv)
     split_source(args.source)  # validates the scheme
     values = parse_options(args.options)
+    if values.get("metrics"):
+        from blobfs.metrics import parse_target
+
+        try:
+            parse_target(values["metrics"])
+        except ValueError as exc:
+            raise UsageError(f"bad value for option 'metrics': {exc}") from None
+    if values.get("cache_dir"):
+        # The daemon leaves the working directory (chdir /): keep the path meaning the same.
+        values["cache_dir"] = os.path.abspath(values["cache_dir"])
     return MountConfig.build(args.source, args.mountpoint, values,
                              foreground=args.foreground, debug=args.debug)
 
@@ -77,16 +92,29 @@ def cmd_mount(argv: list[str]) -> int:
 
     cfg = parse_mount_args(argv)
     blog.setup(cfg.debug)
+    import_credentials()
     mount.preflight(cfg)
+    # Read (and unset) the systemd variables before any fork: a daemonized child still
+    # feeds the watchdog addressed to this process, once it has been handed MAINPID.
+    notifier = Notifier.from_env()
     if cfg.foreground:
-        return trio.run(mount.serve, cfg)
-    return _daemonize(cfg)
+        blog.install_faulthandler()
+        return trio.run(functools.partial(mount.serve, cfg, notifier=notifier))
+    return _daemonize(cfg, notifier)
 
 
-def _daemonize(cfg: MountConfig) -> int:
-    """Fork; the parent returns only once the mount answers, or with the child's error."""
+def _daemonize(cfg: MountConfig, notifier: Notifier) -> int:
+    """Fork; the parent returns only once the mount answers, or with the child's error.
+
+    The child starts a new session, leaves the working directory (so it never keeps
+    another filesystem busy), and logs to stderr when that is the journal (a systemd
+    `.mount` unit), else to CACHE_DIR/blobfs.log. Under a `Type=notify` service the
+    parent sends `MAINPID=child` with READY=1, so systemd follows the child.
+    """
     from blobfs import mount
 
+    log_path = cfg.cache_dir / "blobfs.log"
+    keep_stderr = blog.stderr_is_journal()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -94,38 +122,57 @@ def _daemonize(cfg: MountConfig) -> int:
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
         if message == "ok":
+            notifier.ready(status="mounted", mainpid=pid)
             return EXIT_OK
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        print(f"blobfs: {message or 'the daemon exited before the mount was ready'}; "
-              f"its log is {cfg.cache_dir / 'blobfs.log'}", file=sys.stderr)
-        return code or EXIT_ERROR
-    os.close(read_fd)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    log_path = cfg.cache_dir / "blobfs.log"
-    err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(err, 2)
-    notified = False
+        where = "the journal" if keep_stderr else str(log_path)
+        print(f"blobfs: {message or 'the daemon exited before the mount was ready'} "
+              f"(log: {where})", file=sys.stderr)
+        return code if code > 0 else EXIT_ERROR
+    try:
+        os.close(read_fd)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        if not keep_stderr:
+            err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(err, 2)
+            os.close(err)
+            os.environ.pop("JOURNAL_STREAM", None)
+        os.close(devnull)
+        blog.setup(cfg.debug)
+        blog.install_faulthandler()
+    except BaseException as exc:
+        os.write(write_fd, f"cannot start the daemon: {exc}".encode())
+        os._exit(EXIT_ERROR)
+    told = False
 
-    def ready() -> None:
-        nonlocal notified
-        os.write(write_fd, b"ok")
-        os.close(write_fd)
-        notified = True
+    def tell(message: bytes) -> None:
+        nonlocal told
+        if told:
+            return
+        told = True
+        try:
+            os.write(write_fd, message)
+            os.close(write_fd)
+        except OSError:
+            pass  # the parent was interrupted; the mount carries on regardless
 
     try:
-        code = trio.run(functools.partial(mount.serve, cfg, on_ready=ready))
+        code = trio.run(functools.partial(mount.serve, cfg, notifier=notifier,
+                                          on_ready=lambda: tell(b"ok")))
     except UsageError as exc:
-        if not notified:
-            os.write(write_fd, str(exc).encode())
+        tell(str(exc).encode())
         log.error("%s", exc)
         code = exc.exit_code
-    except BaseException:
+    except BaseException as exc:
         log.exception("blobfs daemon failed")
+        tell(f"the daemon failed: {exc}".encode())
         code = EXIT_ERROR
+    logging.shutdown()
     os._exit(code)
 
 
@@ -143,10 +190,8 @@ def cmd_unmount(argv: list[str]) -> int:
     if not mount.is_mountpoint(mnt):
         raise UsageError(f"{mnt} is not mounted")
     pid = None
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError):
         pid = json.loads(mount.state_file(mnt).read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        pass
     if pid is None:
         # Not started by a blobfs we know of: unmounting still makes the daemon commit.
         res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
@@ -195,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_recover(rest)
         if cmd in ("unmount", "umount"):
             return cmd_unmount(rest)
+        if cmd == "status":
+            from blobfs.status import cmd_status
+
+            return cmd_status(rest)
         if "://" in cmd:
             # mount(8) calls helpers as: blobfs SOURCE MOUNTPOINT -o opts
             return cmd_mount(argv)
-        raise UsageError(f"unknown command '{cmd}': use mount or unmount (blobfs --help)")
+        raise UsageError(f"unknown command '{cmd}': use mount, unmount, status or recover "
+                         "(blobfs --help)")
     except UsageError as exc:
         print(f"blobfs: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -100,10 +100,17 @@ OPTIONS: dict[str, Option] = {
 }
 
 #: Options mount(8), fstab or systemd pass that mean nothing to blobfs (SPEC §5).
+#: mount.fuse3 itself adds `dev,suid` (or passes `nodev,nosuid`) and mount(8) adds `rw`.
 IGNORED_OPTIONS = {
-    "_netdev", "nofail", "defaults", "rw", "auto", "noauto", "user", "users", "nouser",
-    "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
-    "nodiratime", "async", "sync", "dirsync", "loud", "silent", "nofail",
+    "_netdev", "_rnetdev", "nofail", "defaults", "rw", "auto", "noauto", "user", "users",
+    "nouser", "owner", "group", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
+    "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime",
+    "nolazytime", "diratime", "nodiratime", "iversion", "noiversion", "mand", "nomand",
+    "symfollow", "nosymfollow", "async", "sync", "dirsync", "loud", "silent",
+}
+#: Valued options of mount(8), SELinux or FUSE that blobfs decides itself or ignores.
+IGNORED_VALUED_OPTIONS = {
+    "comment", "subtype", "fsname", "context", "fscontext", "defcontext", "rootcontext",
 }
 ALIASES = {"ro": ("read_only", "1")}
 
@@ -114,7 +121,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     for item in items:
         for raw in filter(None, (p.strip() for p in item.split(","))):
             name, eq, text = raw.partition("=")
-            if name in IGNORED_OPTIONS or name.startswith(("x-systemd.", "x-", "comment=")):
+            if name in IGNORED_OPTIONS or name in IGNORED_VALUED_OPTIONS or \
+                    name.startswith("x-"):
                 continue
             if name in ALIASES:
                 name, text = ALIASES[name]

@@ -1,39 +1,71 @@
-"""Logging setup: stderr, journald priority prefixes, and redaction of secrets.
+"""Logging setup: stderr, journald priority prefixes, stack dumps, and redaction of secrets.
 
-Secrets (account keys, SAS signatures, connection strings, AWS secret keys) must never
-reach a log line, whatever module formats them (SPEC §5).
+Secrets (account keys, SAS signatures, connection strings, AWS secret keys, bearer tokens)
+must never reach a log line or a status screen, whatever module formats them (SPEC §5):
+`redact` is the one filter, used by the log formatter and by everything that prints
+numbers about a mount. This module knows nothing of FUSE, stores or the core.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
+import signal
 import sys
 
 _SECRET_PATTERNS = [
-    re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE),
-    re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE),
-    re.compile(r"([?&]sig=)[^&\s'\"]+", re.IGNORECASE),
+    re.compile(r"(AccountKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"(SharedAccessKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"(SharedAccessSignature\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
+    # A SAS token's signature, in a URL or on its own ("sv=...&sig=...").
+    re.compile(r"((?:^|[?&;\s'\"])sig=)[^&\s'\";]+", re.IGNORECASE),
     re.compile(r"(X-Amz-Signature=)[^&\s'\"]+", re.IGNORECASE),
-    re.compile(r"(aws_secret_access_key\W+)\S+", re.IGNORECASE),
+    re.compile(r"(X-Amz-Security-Token=)[^&\s'\"]+", re.IGNORECASE),
+    re.compile(r"(x-amz-security-token['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+", re.IGNORECASE),
+    re.compile(r"(aws_secret_access_key\W+)[^\s'\",}]+", re.IGNORECASE),
+    re.compile(r"(aws_session_token\W+)[^\s'\",}]+", re.IGNORECASE),
+    re.compile(r"(client_secret\W+)[^\s'\",}&]+", re.IGNORECASE),
     re.compile(r"(Signature=)[0-9a-f]{16,}", re.IGNORECASE),
+    re.compile(r"(SharedKey(?:Lite)? [^:\s]+:)[^\s'\",}]+"),
+    re.compile(r"(Bearer )[A-Za-z0-9\-._~+/]+=*"),
 ]
-_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY",
-                "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
+#: Environment variables whose values are secrets wherever they show up.
+_ENV_SECRETS = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET",
+)
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+               logging.CRITICAL: 2}
 
 
 def redact(text: str) -> str:
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(r"\1<redacted>", text)
+    """`text` with every credential we can recognise replaced by `<redacted>`."""
     for name in _ENV_SECRETS:
         value = os.environ.get(name)
         if value and len(value) >= 8:
             text = text.replace(value, "<redacted>")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1<redacted>", text)
     return text
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journald stream systemd connected (not just inherited the
+    variable of: a daemon that redirected stderr to a file must not add `<N>` prefixes)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(stream) and st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (OSError, ValueError):
+        return False
+
+
 class RedactingFormatter(logging.Formatter):
+    """Formats records for stderr or journald, with secrets removed."""
+
     def __init__(self, journald: bool) -> None:
         fmt = "%(name)s: %(message)s" if journald else \
             "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,17 +75,29 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = redact(super().format(record))
         if self._journald:
-            prio = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
-                    logging.ERROR: 3, logging.CRITICAL: 2}.get(record.levelno, 6)
+            # sd-daemon(3) priority prefixes; journald keeps a traceback's lines together
+            # with the record's level.
+            prio = _PRIORITIES.get(record.levelno, 6)
             text = "\n".join(f"<{prio}>{line}" for line in text.splitlines())
         return text
 
 
 def setup(debug: bool = False) -> None:
+    """Log to stderr (journald-aware); DEBUG with `debug`, else INFO."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter(journald="JOURNAL_STREAM" in os.environ))
+    handler.setFormatter(RedactingFormatter(journald=stderr_is_journal()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "azure", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_faulthandler() -> None:
+    """Dump every thread's stack to stderr on a fatal signal (including the watchdog's
+    SIGABRT) and on SIGUSR1 (`kill -USR1 PID` shows where a stuck mount is waiting).
+
+    Call it again after stderr is redirected: faulthandler keeps the file it was given.
+    """
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)

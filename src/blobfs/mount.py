@@ -1,31 +1,50 @@
 """Startup and shutdown of a mount: the composition root.
 
 Builds the store, the core and the FUSE adapter, owns the nursery, handles signals, and
-on the way out commits everything pending before unmounting (SPEC §4).
+on the way out commits everything pending before unmounting (SPEC §4). It also starts the
+service-side workers around the mount: systemd notifications and watchdog (`systemd`), the
+status socket (`telemetry`) and Prometheus metrics (`metrics`), and records each mount in
+`runtime_dir()` for `blobfs status` and `blobfs unmount`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from blobfs import metrics, systemd
 from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool
 from blobfs.fuse_ops import FuseOps
+from blobfs.log import redact
 from blobfs.store import open_store
 from blobfs.store.base import ObjectStore
+from blobfs.systemd import Notifier
+from blobfs.telemetry import (
+    Meter,
+    MeteredStore,
+    Telemetry,
+    open_control_listener,
+    serve_control,
+)
 from blobfs.types import Ino
 
 log = logging.getLogger(__name__)
@@ -36,21 +55,63 @@ EXIT_FUSE = 4
 
 
 def runtime_dir() -> Path:
+    """Where running mounts are recorded: /run/blobfs for root, else under
+    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers)."""
+    override = os.environ.get("BLOBFS_RUNTIME_DIR")
+    if override:
+        return Path(override)
     if os.geteuid() == 0:
         return Path("/run/blobfs")
     return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/blobfs-{os.getuid()}") / "blobfs"
 
 
-def state_file(mountpoint: Path) -> Path:
+def _mount_id(mountpoint: Path) -> str:
     # abspath, not resolve(): stat-ing our own mountpoint from the trio thread deadlocks.
-    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-    return runtime_dir() / f"{digest}.json"
+    return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+
+
+def state_file(mountpoint: Path) -> Path:
+    """The JSON record of the mount at `mountpoint` (pid, source, control socket)."""
+    return runtime_dir() / f"{_mount_id(mountpoint)}.json"
+
+
+def control_socket(mountpoint: Path) -> Path:
+    """The UNIX socket the mount at `mountpoint` answers status requests on."""
+    return runtime_dir() / f"{_mount_id(mountpoint)}.sock"
 
 
 def is_mountpoint(path: Path) -> bool:
+    """Whether something is mounted at `path`, from /proc/mounts (no syscall on `path`,
+    which could hang on a stuck mount)."""
     target = os.path.abspath(path)
     with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+        return any(_unescape(line.split()[1]) == target for line in f)
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _probe(mnt: Path, timeout: float = 5.0) -> str:
+    """'alive', 'dead' (ENOTCONN) or why the mount at `mnt` does not answer.
+
+    statfs always reaches the daemon (a stat may be answered from the kernel's attribute
+    cache for a while after the daemon died); a thread keeps a hung daemon from hanging us.
+    """
+    result: list[str] = []
+
+    def run() -> None:
+        try:
+            os.statvfs(mnt)
+            result.append("alive")
+        except OSError as exc:
+            result.append("dead" if exc.errno == errno.ENOTCONN else exc.strerror or str(exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g}s"
 
 
 def preflight(cfg: MountConfig) -> None:
@@ -59,6 +120,15 @@ def preflight(cfg: MountConfig) -> None:
         raise UsageError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run "
                          "the container with --device /dev/fuse", EXIT_FUSE)
     mnt = cfg.mountpoint
+    if is_mountpoint(mnt):
+        state = _probe(mnt)
+        if state != "dead":
+            detail = "" if state == "alive" else f" ({state})"
+            raise UsageError(f"mountpoint {mnt} is busy: something is already mounted "
+                             f"there{detail} (blobfs unmount {mnt})")
+        # A dead earlier mount ("Transport endpoint is not connected"): clear it (SPEC §5).
+        log.warning("clearing a dead mount left at %s by a daemon that is gone", mnt)
+        _clear_dead_mount(mnt)
     try:
         os.stat(mnt)
     except FileNotFoundError:
@@ -67,10 +137,9 @@ def preflight(cfg: MountConfig) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise UsageError(f"mountpoint {mnt}: {exc.strerror}") from None
-        # A dead earlier mount ("Transport endpoint is not connected"): clear it (SPEC §5).
-        log.warning("clearing a dead mount left at %s", mnt)
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Dead, though absent from /proc/mounts (another mount namespace's view).
+        log.warning("clearing a dead mount left at %s by a daemon that is gone", mnt)
+        _clear_dead_mount(mnt)
     if not mnt.is_dir():
         raise UsageError(f"mountpoint {mnt} is not a directory: pick a directory")
     if is_mountpoint(mnt):
@@ -83,6 +152,25 @@ def preflight(cfg: MountConfig) -> None:
     except OSError as exc:
         raise UsageError(f"cache_dir {cfg.cache_dir} is not usable: {exc.strerror}; pick "
                          "another with -o cache_dir=DIR") from None
+
+
+def _clear_dead_mount(mnt: Path) -> None:
+    """Lazily unmount a dead FUSE mount. Raises UsageError when it stays."""
+    commands = [["fusermount3", "-u", "-z", str(mnt)]]
+    if os.geteuid() == 0:
+        # Root may lack fusermount3 (or it may refuse a mount missing from mtab).
+        commands.append(["umount", "-l", str(mnt)])
+    detail = ""
+    for cmd in commands:
+        if shutil.which(cmd[0]) is None:
+            detail = f"{cmd[0]} is not installed"
+            continue
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        detail = res.stderr.strip() or detail
+        if not is_mountpoint(mnt):
+            return
+    raise UsageError(f"a dead mount is left at {mnt} and cannot be cleared ({detail}): run "
+                     f"fusermount3 -u -z {mnt} as its owner, or umount -l {mnt} as root")
 
 
 async def check_store(cfg: MountConfig) -> ObjectStore:
@@ -112,9 +200,58 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-async def serve(cfg: MountConfig, *, on_ready: object = None) -> int:
-    """Mount, serve until unmounted or signalled, commit what is pending, return exit code."""
-    store = await check_store(cfg)
+async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
+                on_ready: Callable[[], None] | None = None) -> int:
+    """Mount, serve until unmounted or signalled, commit what is pending; the exit code.
+
+    Args:
+        cfg: the mount's configuration.
+        notifier: where systemd notifications go (STATUS, WATCHDOG, STOPPING; and READY
+            unless `on_ready` is given). None sends nothing.
+        on_ready: called once the mountpoint answers, instead of sending READY=1: a
+            daemonizing parent announces readiness itself (with MAINPID).
+
+    Raises:
+        UsageError: the store, the mountpoint or the metrics address is unusable.
+    """
+    try:
+        return await _serve(cfg, notifier or Notifier(None), on_ready)
+    except BaseExceptionGroup as group:
+        # A nursery wraps even a lone startup error; the CLI wants it as itself.
+        usage = _lone(group, UsageError)
+        if usage is None:
+            raise
+        raise usage from None
+
+
+def _lone(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    leaves = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], kind) else None
+
+
+async def _serve(cfg: MountConfig, notifier: Notifier,
+                 on_ready: Callable[[], None] | None) -> int:
+    target = metrics.parse_target(cfg.metrics) if cfg.metrics else None
+    raw_store = await check_store(cfg)
+    store = MeteredStore(raw_store, Meter())
+    telemetry = Telemetry(cfg, store, raw_store.display)
+    http: list[trio.SocketListener] = []
+    if target is not None and target.port is not None:
+        try:
+            http = await metrics.open_http_listeners(target)
+        except OSError as exc:
+            await raw_store.aclose()
+            raise UsageError(f"cannot serve metrics on {cfg.metrics}: {exc.strerror or exc}; "
+                             "pick another address with -o metrics=HOST:PORT") from None
     spool = Spool(cfg.cache_dir, cfg.source)
     spool.prepare()  # locks it: one running mount per source and cache_dir
     failed: list[str] = []
@@ -125,35 +262,56 @@ async def serve(cfg: MountConfig, *, on_ready: object = None) -> int:
 
         fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                invalidate=invalidate)
+        telemetry.attach(fs)
         # Finish what a crashed run left in the spool before serving (SPEC §4).
         report = await recover_spool(store, spool, fs.make_writer)
         for writer in report.writers:
             fs.adopt(writer)
         ops = FuseOps(fs)
+        control = await open_control_listener(control_socket(cfg.mountpoint))
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
+            if control is not None:
+                await control.aclose()
+                control_socket(cfg.mountpoint).unlink(missing_ok=True)
             raise UsageError(f"cannot mount at {cfg.mountpoint}: {exc}", EXIT_FUSE) from None
-        _write_state(cfg)
-        nursery.start_soon(_watch_signals, fs)
-        nursery.start_soon(_announce_ready, cfg, on_ready)
-        log.info("mounted %s at %s (block_size=%d commit_interval=%gs close=%s)",
-                 store.display, cfg.mountpoint, cfg.block_size, cfg.commit_interval,
-                 cfg.close)
+        _write_state(cfg, control is not None)
+        nursery.start_soon(_watch_signals, fs, notifier, telemetry)
+        nursery.start_soon(_announce_ready, cfg, notifier, telemetry, on_ready)
+        if control is not None:
+            nursery.start_soon(serve_control, control, telemetry)
+        if http:
+            nursery.start_soon(metrics.serve_http, http, telemetry.snapshot)
+        if target is not None and target.path is not None:
+            nursery.start_soon(metrics.run_textfile, target.path, telemetry.snapshot)
+        nursery.start_soon(systemd.run_status, notifier, telemetry.summary)
+        log.info("mounted %s at %s (block_size=%d commit_interval=%gs close=%s%s%s)",
+                 raw_store.display, cfg.mountpoint, cfg.block_size, cfg.commit_interval,
+                 cfg.close, f" endpoint={cfg.endpoint}" if cfg.endpoint else "",
+                 f" metrics={cfg.metrics}" if cfg.metrics else "")
         try:
             await pyfuse3.main()
         finally:
             fs.shutting_down = True
+            notifier.stopping(telemetry.summary())
             with trio.move_on_after(cfg.shutdown_timeout) as scope:
                 scope.shield = True
                 failed = await fs.flush_all()
             if scope.cancelled_caught:
                 log.error("shutdown_timeout (%gs) passed with data still pending; it stays "
                           "in the spool at %s", cfg.shutdown_timeout, spool.root)
+                # Reported like a failed commit: exit 1, never "unmounted cleanly".
+                failed = [i.key for i in fs.inodes if i.writer is not None and i.writer.pending]
             pyfuse3.close(unmount=True)
             _remove_state(cfg)
+            if target is not None and target.path is not None:
+                # The last numbers stay behind, with blobfs_up 0, for whoever scrapes them.
+                with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await metrics.write_textfile(target.path, telemetry.snapshot())
             nursery.cancel_scope.cancel()
-    await store.aclose()
+    await raw_store.aclose()
+    notifier.close()
     if failed:
         log.error("%d file(s) could not be committed and stay in the spool: %s",
                   len(failed), ", ".join(failed))
@@ -170,7 +328,7 @@ async def _invalidate_inode(ino: Ino) -> None:
         log.debug("invalidate_inode(%d): %s", ino, exc)
 
 
-async def _watch_signals(fs: Filesystem) -> None:
+async def _watch_signals(fs: Filesystem, notifier: Notifier, telemetry: Telemetry) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -178,29 +336,53 @@ async def _watch_signals(fs: Filesystem) -> None:
             log.info("got %s: committing pending data and unmounting",
                      signal.Signals(signum).name)
             fs.shutting_down = True
+            notifier.stopping(telemetry.summary())
             pyfuse3.terminate()
             return
 
 
-async def _announce_ready(cfg: MountConfig, on_ready: object) -> None:
-    # The mount answers once the kernel gets a reply to a stat through it.
+async def _announce_ready(cfg: MountConfig, notifier: Notifier, telemetry: Telemetry,
+                          on_ready: Callable[[], None] | None) -> None:
+    """Announce readiness once the mountpoint answers, then feed the watchdog."""
+    # The mount answers once the kernel gets a reply to a stat through it. The stat runs
+    # in a thread because this very loop has to answer it.
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
-    if callable(on_ready):
+    if on_ready is not None:
         on_ready()
+    else:
+        notifier.ready(status=telemetry.summary())
+    log.debug("%s answers", cfg.mountpoint)
+    # systemd arms the watchdog only once READY=1 arrived (and a daemonized child becomes
+    # the main PID only then), so the pings start here.
+    await systemd.run_watchdog(notifier)
 
 
-def _write_state(cfg: MountConfig) -> None:
+def _write_state(cfg: MountConfig, has_control: bool) -> None:
+    """Record the mount for `blobfs status` and `blobfs unmount` (atomically: a reader
+    never sees half a file)."""
     try:
         path = state_file(cfg.mountpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(cfg.mountpoint),
-                                    "source": cfg.source, "cache_dir": str(cfg.cache_dir)}))
+        state = {"pid": os.getpid(), "mountpoint": str(cfg.mountpoint),
+                 "source": redact(cfg.source), "cache_dir": str(cfg.cache_dir),
+                 "control": str(control_socket(cfg.mountpoint)) if has_control else None,
+                 "metrics": redact(cfg.metrics) if cfg.metrics else None,
+                 "started_at": time.time()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
     except OSError as exc:
         log.warning("cannot record the mount in %s: %s", runtime_dir(), exc)
 
 
 def _remove_state(cfg: MountConfig) -> None:
+    """Forget the mount, unless a newer daemon already took the mountpoint over."""
+    path = state_file(cfg.mountpoint)
     try:
-        state_file(cfg.mountpoint).unlink()
-    except OSError:
-        pass
+        if json.loads(path.read_text()).get("pid") != os.getpid():
+            return
+    except (OSError, ValueError, AttributeError):
+        return
+    for item in (path, control_socket(cfg.mountpoint)):
+        with contextlib.suppress(OSError):
+            item.unlink()

@@ -456,14 +456,14 @@ def test_merge_plan_leaves_another_tools_layout_alone() -> None:
 
 
 @pytest.mark.slow
-async def test_3000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: Proxy) -> None:
+async def test_1000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: Proxy) -> None:
     store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
     data = b""
     meta = await put_bytes(store, "tiny", data, base=None, metadata={META_STREAM: "s"})
     appended = 0
     plain_commits = 0
     proxy.reset()
-    for i in range(3000):
+    for i in range(1000):  # the 3,000-append run goes through a real mount
         add = f"{i:05d} {'.' * (i % 40)}\n".encode()
         first = len(proxy.records)
         meta = await append(store, meta, data, add)
@@ -485,11 +485,11 @@ async def test_3000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: P
     assert len(blocks) <= len(data) // SMALL_BLOCK + SMALL_BLOCK.bit_length()
     assert sum(b.size for b in blocks) == len(data)
     stats = proxy.stats()
-    assert plain_commits >= 1000
-    assert stats["write_requests"] <= 2 * 3000 + 1
+    assert plain_commits >= 300
+    assert stats["write_requests"] <= 2 * 1000 + 1
     assert store.staged_bytes <= (SMALL_BLOCK.bit_length() + 2) * appended
     report = (
-        f"3000 appends, {appended} bytes: {len(blocks)} blocks (bound "
+        f"1000 appends, {appended} bytes: {len(blocks)} blocks (bound "
         f"{max_committed_blocks(len(data), SMALL_BLOCK)}), {stats['requests']} requests, "
         f"{stats['write_requests']} writes, {stats['bytes_up']} bytes up, "
         f"{store.staged_bytes} staged, {plain_commits} commits without a merge"

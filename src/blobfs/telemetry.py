@@ -1,0 +1,286 @@
+"""Live numbers of a running mount: counters, the status snapshot, and the control socket.
+
+This module owns what `blobfs status`, the systemd STATUS= line and the Prometheus
+metrics report, and the one place those numbers are gathered (`Telemetry.snapshot`). It
+counts what the core does not (bytes committed, ETag races at commit) by wrapping the
+store the composition root hands to the core (`MeteredStore`), and reads the rest from
+`Filesystem.stats`, `Filesystem.pending_summary()` and the store's retry counter.
+
+It must not know FUSE, and it must never let a secret into a snapshot: every snapshot
+goes through `log.redact` before it leaves the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from blobfs import __version__
+from blobfs.errors import PreconditionFailed
+from blobfs.log import redact
+from blobfs.store.base import BlockUpload, ObjectStore, Range, normalize_ranges
+
+if TYPE_CHECKING:
+    from blobfs.config import MountConfig
+    from blobfs.fs.core import Filesystem
+
+log = logging.getLogger(__name__)
+
+#: Seconds of commit history the upload rate averages over.
+RATE_WINDOW = 10.0
+#: Longest path a UNIX socket address can hold (sun_path, with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+@dataclass
+class Meter:
+    """Counters the core does not keep, fed by `MeteredStore`. Trio thread only."""
+
+    committed_bytes: int = 0
+    staged_bytes: int = 0
+    conflicts: int = 0
+    last_commit_at: float | None = None
+    #: (monotonic time, bytes) of recent commits, for the upload rate.
+    recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+
+    def committed(self, nbytes: int) -> None:
+        now = time.monotonic()
+        self.committed_bytes += nbytes
+        self.last_commit_at = time.time()
+        self.recent.append((now, nbytes))
+        self._trim(now)
+
+    def rate(self) -> float:
+        """Bytes per second committed over the last RATE_WINDOW seconds."""
+        now = time.monotonic()
+        self._trim(now)
+        return sum(n for _, n in self.recent) / RATE_WINDOW
+
+    def _trim(self, now: float) -> None:
+        while self.recent and self.recent[0][0] < now - RATE_WINDOW:
+            self.recent.popleft()
+
+
+class _MeteredUpload:
+    """A `BlockUpload` that reports staged and committed bytes and ETag races."""
+
+    def __init__(self, inner: BlockUpload, meter: Meter) -> None:
+        self._inner = inner
+        self._meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def stage(self, off: int, data: bytes) -> None:
+        await self._inner.stage(off, data)
+        self._meter.staged_bytes += len(data)
+
+    async def commit(self, size: int, dirty: Sequence[Range], metadata: Mapping[str, str],
+                     *args: Any, **kwargs: Any) -> Any:
+        try:
+            meta = await self._inner.commit(size, dirty, metadata, *args, **kwargs)
+        except PreconditionFailed:
+            # Another writer moved the ETag: the core rebases an append or fails the commit.
+            self._meter.conflicts += 1
+            raise
+        self._meter.committed(sum(r.size for r in normalize_ranges(list(dirty))))
+        return meta
+
+
+class MeteredStore:
+    """Wraps an `ObjectStore` to count what its uploads commit; delegates everything else.
+
+    It adds no awaits and no locking of its own, so the core sees the store unchanged.
+    """
+
+    def __init__(self, inner: ObjectStore, meter: Meter) -> None:
+        self._inner = inner
+        self.meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def inner(self) -> ObjectStore:
+        return self._inner
+
+    def begin_upload(self, *args: Any, **kwargs: Any) -> BlockUpload:
+        return _MeteredUpload(self._inner.begin_upload(*args, **kwargs), self.meter)
+
+
+def store_retries(store: object) -> int:
+    """Transient failures the store retried so far (0 for stores that never retry)."""
+    inner = getattr(store, "inner", store)
+    value = getattr(inner, "retries", None)
+    if not isinstance(value, int):
+        # Adapters keep the counter on their `Blocking` helper (store/_blocking.py).
+        value = getattr(getattr(inner, "_blocking", None), "retries", 0)
+    return value if isinstance(value, int) else 0
+
+
+class Telemetry:
+    """Gathers one mount's numbers into a JSON-able snapshot. Trio thread only."""
+
+    def __init__(self, cfg: MountConfig, store: MeteredStore, display: str) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.display = display
+        self.meter = store.meter
+        self.started_at = time.time()
+        self.fs: Filesystem | None = None
+
+    def attach(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+    def snapshot(self) -> dict[str, Any]:
+        """The mount's live numbers. Keys and units are the `blobfs status --json` format
+        documented in the README."""
+        fs = self.fs
+        open_files = pending = 0
+        lag = 0.0
+        stats: Mapping[str, int] = {}
+        stopping = False
+        if fs is not None:
+            open_files, pending, lag = fs.pending_summary()
+            stats = fs.stats
+            stopping = fs.shutting_down
+        snap: dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "source": self.display,
+            "mountpoint": str(self.cfg.mountpoint),
+            "cache_dir": str(self.cfg.cache_dir),
+            "endpoint": self.cfg.endpoint,
+            "state": "stopping" if stopping else "mounted",
+            "started_at": self.started_at,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "open_files": open_files,
+            "pending_bytes": pending,
+            "upload_lag_seconds": round(lag, 3),
+            "last_commit_at": self.meter.last_commit_at,
+            "commits": int(stats.get("commits", 0)),
+            "commit_errors": int(stats.get("commit_errors", 0)),
+            "conflicts": int(stats.get("conflicts", self.meter.conflicts)),
+            "retries": store_retries(self.store),
+            "committed_bytes": self.meter.committed_bytes,
+            "staged_bytes": self.meter.staged_bytes,
+            "upload_rate_bytes_per_second": round(self.meter.rate(), 1),
+            "remote_changes": {
+                "appends_followed": int(stats.get("appends_followed", 0)),
+                "replaced": int(stats.get("replaced", 0)),
+                "deleted": int(stats.get("deleted", 0)),
+            },
+            "options": {
+                "commit_interval": self.cfg.commit_interval,
+                "close": self.cfg.close,
+                "block_size": self.cfg.block_size,
+                "metrics": self.cfg.metrics,
+            },
+        }
+        scrubbed: dict[str, Any] = scrub(snap)
+        return scrubbed
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        s = self.snapshot()
+        line = f"{s['open_files']} open, {human_bytes(s['pending_bytes'])} pending"
+        if s["pending_bytes"]:
+            line += f" (oldest {s['upload_lag_seconds']:.0f}s)"
+        line += f", {human_bytes(s['upload_rate_bytes_per_second'])}/s up, {s['commits']} commits"
+        if s["commit_errors"]:
+            line += f", {s['commit_errors']} errors"
+        if s["state"] == "stopping":
+            line = "stopping: committing what is pending; " + line
+        return line
+
+
+def scrub(value: Any) -> Any:
+    """`value` with every string passed through `log.redact`: nothing leaves unredacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    return value
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- the control socket ---------------------------------------------------------------------
+async def open_control_listener(path: Path) -> trio.SocketListener | None:
+    """Bind the UNIX socket `blobfs status` connects to (mode 0600), replacing a stale one.
+
+    Returns None (with a warning) when it cannot be bound: status is a convenience, the
+    mount works without it.
+    """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        log.warning("no status socket: %s is longer than a UNIX socket path may be", path)
+        return None
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        # umask keeps the socket private from the moment it exists (no chmod race).
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        log.warning("no status socket at %s: %s", path, exc)
+        return None
+    return trio.SocketListener(sock)
+
+
+async def serve_control(listener: trio.SocketListener, telemetry: Telemetry) -> None:
+    """Answer every connection with one JSON snapshot and a newline, until cancelled."""
+
+    async def answer(stream: trio.abc.Stream) -> None:
+        async with stream:
+            with trio.move_on_after(5):
+                data = json.dumps(telemetry.snapshot()).encode() + b"\n"
+                # A client that gave up early leaves nothing to report.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(data)
+
+    await trio.serve_listeners(answer, [listener])
+
+
+def read_control(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Fetch a snapshot from a mount's control socket (blocking; for the CLI).
+
+    Raises:
+        OSError: the socket is missing, refused, or timed out.
+        ValueError: the answer is not a JSON object.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    value = json.loads(b"".join(chunks))
+    if not isinstance(value, dict):
+        raise ValueError("not a status object")
+    return value
