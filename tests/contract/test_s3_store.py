@@ -819,9 +819,12 @@ async def test_check_reports_bad_credentials(tmp_path: Path) -> None:
         await store.aclose()
 
 
-async def test_check_reports_an_unreachable_endpoint() -> None:
+async def test_check_reports_an_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    store = s3_env.env_for(url, "bucket", url).open(retry_timeout=60)
+    env = s3_env.env_for(url, "bucket", url)
+    for name, value in env.env.items():  # credentials, so only the endpoint is wrong
+        monkeypatch.setenv(name, value)
+    store = env.open(retry_timeout=60)
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable, match="127.0.0.1"):
         await store.check()
