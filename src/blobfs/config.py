@@ -75,21 +75,46 @@ class Option:
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
-        Option("block_size", parse_size, 8 * MiB, "bytes per staged block; full blocks upload as soon as they fill"),
-        Option("commit_interval", parse_seconds, 1.0, "seconds between background commits while a file has pending data"),
+        Option(
+            "block_size", parse_size, 8 * MiB,
+            "bytes per staged block; full blocks upload as soon as they fill",
+        ),
+        Option(
+            "commit_interval", parse_seconds, 1.0,
+            "seconds between background commits while a file has pending data",
+        ),
         Option("metadata_ttl", parse_seconds, 1.0, "seconds attributes (size, etag) are cached"),
         Option("list_ttl", parse_seconds, 1.0, "seconds directory listings are cached"),
         Option("readahead_max", parse_size, 64 * MiB, "largest sequential prefetch window"),
         Option("cache_size", parse_size, 256 * MiB, "size of the shared read block cache"),
-        Option("cache_dir", str, None, "spool and cache directory (default /var/cache/blobfs for root, else $XDG_CACHE_HOME/blobfs)"),
+        Option(
+            "cache_dir", str, None,
+            "spool and cache directory "
+            "(default /var/cache/blobfs for root, else $XDG_CACHE_HOME/blobfs)",
+        ),
         Option("retry_timeout", parse_seconds, 60.0, "seconds transient store errors are retried"),
-        Option("shutdown_timeout", parse_seconds, 300.0, "seconds the final commit may take at unmount"),
+        Option(
+            "shutdown_timeout", parse_seconds, 300.0,
+            "seconds the final commit may take at unmount",
+        ),
         Option("endpoint", str, None, "store endpoint URL (S3-compatible server, Azure endpoint)"),
         Option("account", str, None, "Azure storage account name"),
-        Option("api_version", str, None, "Azure REST API version to pin (default: one Azurite accepts)"),
-        Option("close", parse_close, "sync", "'sync': close waits for the commit; 'async': close returns once spooled"),
-        Option("memory_limit", parse_size, 512 * MiB, "budget for read-ahead and pending write buffers"),
-        Option("metrics", str, None, "serve Prometheus metrics on ADDR:PORT, or write them to a file path"),
+        Option(
+            "api_version", str, None,
+            "Azure REST API version to pin (default: one Azurite accepts)",
+        ),
+        Option(
+            "close", parse_close,
+            "sync", "'sync': close waits for the commit; 'async': close returns once spooled",
+        ),
+        Option(
+            "memory_limit", parse_size, 512 * MiB,
+            "budget for read-ahead and pending write buffers",
+        ),
+        Option(
+            "metrics", str, None,
+            "serve Prometheus metrics on ADDR:PORT, or write them to a file path",
+        ),
         Option("uid", int, None, "owner of every file (default: the mounting user)"),
         Option("gid", int, None, "group of every file (default: the mounting user's group)"),
         Option("file_mode", parse_mode, 0o644, "permission bits of files (octal)"),
@@ -181,7 +206,8 @@ class MountConfig:
     debug: bool = False
 
     @classmethod
-    def build(cls, source: str, mountpoint: str, options: Mapping[str, Any], **extra: Any) -> MountConfig:
+    def build(cls, source: str, mountpoint: str, options: Mapping[str, Any],
+              **extra: Any) -> MountConfig:
         values = {k: v for k, v in options.items() if v is not None}
         if "cache_dir" in values:
             values["cache_dir"] = Path(values["cache_dir"])

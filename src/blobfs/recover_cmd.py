@@ -8,9 +8,11 @@ unless `--list` is given commits them exactly as a mount's startup recovery woul
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -18,9 +20,11 @@ import trio
 from blobfs.config import MountConfig, StoreConfig, parse_options
 from blobfs.errors import StoreError, UsageError
 from blobfs.fs.recovery import recover_spool, replay
-from blobfs.fs.spool import Spool, read_journal
+from blobfs.fs.spool import Spool, SpoolEntry, read_journal
 from blobfs.fs.writer import FileWriter
 from blobfs.store import open_store
+from blobfs.store.base import ObjectStore
+from blobfs.types import ObjectMeta
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,13 @@ def _sources(cache_dir: Path) -> dict[str, list[tuple[str, int]]]:
     return found
 
 
+def _make_writer(key: str, base: ObjectMeta | None, entry: SpoolEntry, *,
+                 store: ObjectStore, block_size: int, spawn: Callable[..., None],
+                 stage_limiter: trio.CapacityLimiter) -> FileWriter:
+    return FileWriter(key, base, entry, store, block_size=block_size, spawn=spawn,
+                      stage_limiter=stage_limiter)
+
+
 async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> int:
     failures = 0
     for source in sources:
@@ -49,10 +60,9 @@ async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> 
             async with trio.open_nursery() as nursery:
                 limiter = trio.CapacityLimiter(4)
 
-                def make_writer(key, base, entry):  # type: ignore[no-untyped-def]
-                    return FileWriter(key, base, entry, store, block_size=cfg.block_size,
-                                      spawn=nursery.start_soon, stage_limiter=limiter)
-
+                make_writer = functools.partial(
+                    _make_writer, store=store, block_size=cfg.block_size,
+                    spawn=nursery.start_soon, stage_limiter=limiter)
                 report = await recover_spool(store, spool, make_writer)
                 for writer in report.writers:
                     await writer.spool.close()

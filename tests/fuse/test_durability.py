@@ -4,6 +4,7 @@ spool reaches the writer as ENOSPC without damaging what was written."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -40,10 +41,8 @@ class Streamer(threading.Thread):
         except OSError as exc:
             self.error = exc
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def check_stream(data: bytes, acked: int) -> None:
@@ -93,10 +92,8 @@ def test_recover_command_commits_without_mounting(file_env: StoreEnv, tmp_path: 
         fd = os.open(a.path / "held.log", os.O_WRONLY | os.O_CREAT)
         os.write(fd, b"first line\nsecond line\n")
         a.kill9()
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     listing = subprocess.run(blobfs_cmd("recover", "--cache-dir", str(cache), "--list"),
                              capture_output=True, text=True, env=mount_env(file_env))
     assert listing.returncode == 0, listing.stderr

@@ -18,7 +18,8 @@ MAX_OFF = 5 * BLOCK
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("pwrite"), st.integers(0, MAX_OFF), st.binary(min_size=1, max_size=3 * BLOCK)),
+        st.tuples(st.just("pwrite"), st.integers(0, MAX_OFF),
+                  st.binary(min_size=1, max_size=3 * BLOCK)),
         st.tuples(st.just("append"), st.just(0), st.binary(min_size=1, max_size=BLOCK)),
         st.tuples(st.just("truncate"), st.integers(0, MAX_OFF), st.just(b"")),
         st.tuples(st.just("reopen"), st.just(0), st.just(b"")),

@@ -66,7 +66,8 @@ def apply_model(model: dict[str, bytes], op: str, nm: str, off: int, data: bytes
         model[nm] = data
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step, min_size=1, max_size=15))
 def test_filesystem_matches_model(tmp_path: Path, steps: list[tuple[str, str, int, bytes]]) -> None:
     async def scenario() -> None:

@@ -21,6 +21,7 @@ the trio loop. Must not know: FUSE, SDKs, the inode table.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -166,10 +167,8 @@ class SpoolEntry:
         self.data_fd = self.journal_fd = -1
         if remove:
             for path in (self.journal_path, self.data_path):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-                except FileNotFoundError:
-                    pass
 
     # --- async API (worker threads) ------------------------------------------------------
     async def write(self, off: int, data: bytes) -> None:

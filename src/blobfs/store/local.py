@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from blobfs.config import StoreConfig
@@ -150,10 +150,8 @@ def _pwrite(path: Path, off: int, data: bytes) -> None:
 
 
 def _unlink_quiet(path: Path) -> None:
-    try:
+    with suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class LocalStore:
