@@ -69,3 +69,23 @@ def file_env(tmp_path: Path) -> StoreEnv:
     root = tmp_path / "store"
     root.mkdir()
     return StoreEnv("file", f"file://{root}")
+
+
+# --- S3 on a moto server, shared by the S3 store and mount tests ----------------------------
+@pytest.fixture
+def moto(server_for: Callable[[str], Any]) -> Any:
+    return server_for("s3")
+
+
+@pytest.fixture
+def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, "s3")
+
+
+@pytest.fixture
+def proxy(moto: Any) -> Iterator[Any]:
+    """A counting proxy in front of the moto server (Azure tests define their own)."""
+    from tests.support.proxy import Proxy
+
+    with Proxy(moto.url) as p:
+        yield p

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from blobfs.store.s3 import (
     split_copy,
 )
 from blobfs.types import META_STREAM, ObjectMeta
-from tests.conftest import make_store_env
 from tests.support import s3_env
 from tests.support.envs import StoreEnv, free_port
 from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, S3Conditions, error_response
@@ -265,34 +264,9 @@ def test_conditional_conflict_is_not_a_plain_retry() -> None:
 
 # --- fixtures against moto ---------------------------------------------------------------------
 @pytest.fixture
-def moto(server_for: Callable[[str], Any]) -> MotoServer:
-    srv: MotoServer = server_for("s3")
-    return srv
-
-
-@pytest.fixture
-def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
-    return make_store_env(server_for, "s3")
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[Proxy]:
-    with Proxy(moto.url) as p:
-        yield p
-
-
-def bucket_of(env: StoreEnv) -> str:
-    return env.url.removeprefix("s3://").split("/")[0]
-
-
-def via(env: StoreEnv, proxy: Proxy) -> StoreEnv:
-    return s3_env.env_for(proxy.url, bucket_of(env), proxy.url)
-
-
-@pytest.fixture
 async def store(s3env: StoreEnv, proxy: Proxy) -> AsyncIterator[S3Store]:
     """A store on a fresh bucket, reached through the counting proxy."""
-    s = via(s3env, proxy).open(retry_timeout=10)
+    s = s3_env.via(s3env, proxy.url).open(retry_timeout=10)
     assert isinstance(s, S3Store)
     await s.check()
     proxy.reset()
@@ -322,7 +296,7 @@ async def no_uploads_left(store: S3Store) -> None:
 
 def raw_put(moto: MotoServer, env: StoreEnv, key: str, data: bytes) -> str:
     """Another writer, straight to moto (no proxy, no store)."""
-    resp = moto.client().put_object(Bucket=bucket_of(env), Key=f"pfx/{key}", Body=data)
+    resp = moto.client().put_object(Bucket=s3_env.bucket_of(env), Key=f"pfx/{key}", Body=data)
     return str(resp["ETag"])
 
 
@@ -392,7 +366,7 @@ async def test_staged_blocks_are_used_and_commit_sends_only_the_tail(
 async def test_staging_with_small_blocks_or_a_new_key_defers_to_commit(
     s3env: StoreEnv, proxy: Proxy,
 ) -> None:
-    env = via(s3env, proxy)
+    env = s3_env.via(s3env, proxy.url)
     small = open_store(env.url, StoreConfig(endpoint=env.endpoint, block_size=1 * MiB))
     data = os.urandom(6 * MiB)
     # A new key: its lineage is only known at commit, and S3 fixes metadata at create.
@@ -789,7 +763,7 @@ async def test_lost_responses_are_retried_without_double_effects(
 
 
 async def test_retries_stop_at_the_deadline(s3env: StoreEnv, proxy: Proxy) -> None:
-    store = via(s3env, proxy).open(retry_timeout=1)
+    store = s3_env.via(s3env, proxy.url).open(retry_timeout=1)
     proxy.faults = FaultPlan(rate=1.0, kinds=("500",))
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable):
@@ -856,7 +830,7 @@ async def test_keys_are_relative_to_the_prefix(
 ) -> None:
     await put_bytes(store, "a/b", b"1", base=None, metadata={})
     client = moto.client()
-    bucket = bucket_of(s3env)
+    bucket = s3_env.bucket_of(s3env)
     assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["pfx/a/b"]
     client.put_object(Bucket=bucket, Key="outside", Body=b"x")
     client.put_object(Bucket=bucket, Key="pfx/", Body=b"")  # the root's own marker
@@ -872,7 +846,7 @@ async def test_listing_more_than_1000_keys_paginates(
     store: S3Store, moto: MotoServer, s3env: StoreEnv,
 ) -> None:
     client = moto.client()
-    bucket = bucket_of(s3env)
+    bucket = s3_env.bucket_of(s3env)
     names = [f"many/k{i:05d}" for i in range(1100)]
 
     def create(chunk: list[str]) -> None:

@@ -14,19 +14,9 @@ import pytest
 
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
+from tests.support.waiting import wait_for
 
 MiB = 1 << 20
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def test_50mib_written_on_a_reads_back_on_fresh_b(store_env: StoreEnv, tmp_path: Path) -> None:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import make_store_env
 from tests.support import s3_env
 from tests.support.envs import StoreEnv, free_port
 from tests.support.mounting import blobfs_cmd, mount_env, mounted
@@ -25,34 +22,13 @@ from tests.support.s3_env import MotoServer, s3_operation
 MiB = 1 << 20
 
 
-@pytest.fixture
-def moto(server_for: Callable[[str], Any]) -> MotoServer:
-    srv: MotoServer = server_for("s3")
-    return srv
-
-
-@pytest.fixture
-def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
-    return make_store_env(server_for, "s3")
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[Proxy]:
-    with Proxy(moto.url) as p:
-        yield p
-
-
-def bucket_of(env: StoreEnv) -> str:
-    return env.url.removeprefix("s3://").split("/")[0]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_appends_to_a_64_mib_blob_upload_only_the_new_bytes(
     s3env: StoreEnv, proxy: Proxy, moto: MotoServer, tmp_path: Path,
 ) -> None:
     """64 MiB blob, then 200 open-append-close cycles of a short line through the mount."""
-    env = s3_env.env_for(proxy.url, bucket_of(s3env), proxy.url)
+    env = s3_env.env_for(proxy.url, s3_env.bucket_of(s3env), proxy.url)
     base = os.urandom(64 * MiB)
     src = tmp_path / "base.bin"
     src.write_bytes(base)
@@ -76,9 +52,9 @@ def test_appends_to_a_64_mib_blob_upload_only_the_new_bytes(
             assert "UploadPartCopy" in writes, "the previous version is copied server-side"
         assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(expect).digest()
     client = moto.client()
-    remote = client.get_object(Bucket=bucket_of(s3env), Key="pfx/app.log")["Body"].read()
+    remote = client.get_object(Bucket=s3_env.bucket_of(s3env), Key="pfx/app.log")["Body"].read()
     assert remote == bytes(expect)
-    assert client.list_multipart_uploads(Bucket=bucket_of(s3env)).get("Uploads", []) == []
+    assert client.list_multipart_uploads(Bucket=s3_env.bucket_of(s3env)).get("Uploads", []) == []
     appended = sum(k for k, _, _, _ in per_append)
     sent = sum(b for _, b, _, _ in per_append)
     writes_total = sum(w for _, _, w, _ in per_append)

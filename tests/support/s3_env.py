@@ -210,3 +210,12 @@ def s3_operation(rec: RequestRecord) -> str:
             return "AbortMultipartUpload"
         return "DeleteBucket" if on_bucket else "DeleteObject"
     return rec.method
+
+
+def bucket_of(env: StoreEnv) -> str:
+    return env.url.removeprefix("s3://").split("/")[0]
+
+
+def via(env: StoreEnv, proxy_url: str) -> StoreEnv:
+    """The same bucket reached through a proxy (or any other endpoint)."""
+    return env_for(proxy_url, bucket_of(env), proxy_url)

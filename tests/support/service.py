@@ -21,25 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.waiting import wait_for  # noqa: F401  (re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 _unique = itertools.count()
 
 
 # --- waiting ------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition",
-             interval: float = 0.02) -> object:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(interval)
-
-
 # --- system tools, installed by scripts/bootstrap -------------------------------------------
 def ensure_tool(tool: str, bootstrap_flag: str) -> str:
     """The path of `tool`, installing its Debian package via `scripts/bootstrap FLAG` when it
