@@ -71,6 +71,17 @@ def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
     return wrap
 
 
+def _appends(flags: int) -> bool:
+    """Whether a handle is an O_APPEND writer, which gets direct_io.
+
+    Through the page cache the kernel splits a write() that starts inside a page which is
+    not up to date at the page boundary, into two write requests. A commit or an append
+    rebase between the two would put another host's bytes inside one write() (a torn
+    line, SPEC §2 "Conditional"). direct_io sends each write() whole, up to max_write.
+    """
+    return bool(flags & os.O_APPEND) and (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
 def _known(exc: BaseException) -> bool:
     from blobfs.errors import BlobfsError
 
@@ -158,12 +169,13 @@ class FuseOps(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         fh, attr = await self.fs.create_file(parent_inode, _name(name), flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), _entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False,
+                                direct_io=_appends(flags)), _entry(attr)
 
     @_translate("open")
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fh, keep = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=_appends(flags))
 
     @_translate("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:

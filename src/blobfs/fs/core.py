@@ -8,6 +8,7 @@ into errno. It must not import pyfuse3 or any SDK. Design notes: docs/design/*.m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,10 @@ from blobfs.store.base import ObjectStore, put_bytes
 from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
 
 log = logging.getLogger(__name__)
+
+#: Commits of different files running at once. Each holds up to a few blocks of pending
+#: bytes in memory while it sends them (SPEC §5: memory is bounded).
+COMMITS_AT_ONCE = 8
 
 XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
           "user.blobfs.last_commit")
@@ -96,6 +101,7 @@ class Filesystem:
         self._next_fh = 1
         self._listings: dict[str, _Listing] = {}
         self._stage_limiter = trio.CapacityLimiter(4)
+        self._commit_limiter = trio.CapacityLimiter(COMMITS_AT_ONCE)
         self._started = time.time()
         self.shutting_down = False
         self.stats = {"commits": 0, "commit_errors": 0, "appends_followed": 0,
@@ -172,10 +178,8 @@ class Filesystem:
 
         async def head() -> None:
             nonlocal file_meta
-            try:
+            with contextlib.suppress(NotFound):
                 file_meta = await self.store.head(key)
-            except NotFound:
-                pass
 
         async def probe_dir() -> None:
             nonlocal dir_found
@@ -410,7 +414,8 @@ class Filesystem:
 
     def make_writer(self, key: str, base: ObjectMeta | None, entry: SpoolEntry) -> FileWriter:
         return FileWriter(key, base, entry, self.store, block_size=self.cfg.block_size,
-                          spawn=self._spawn, stage_limiter=self._stage_limiter)
+                          spawn=self._spawn, stage_limiter=self._stage_limiter,
+                          commit_limiter=self._commit_limiter)
 
     def adopt(self, writer: FileWriter) -> None:
         """Take over a writer recovery could not finish, so the timer keeps retrying it."""
@@ -602,10 +607,8 @@ class Filesystem:
             raise FsError(errno.EBADF, "handle not open for writing")
         inode = h.inode
         w = await self._writer(inode)
-        if h.append:
-            off = w.size
         try:
-            await w.write(off, data)
+            await w.write(None if h.append else off, data)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise FsError(errno.ENOSPC, f"spool disk full writing {inode.key}",

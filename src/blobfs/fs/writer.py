@@ -15,6 +15,7 @@ Must not know: FUSE, SDKs, inode tables. Protocol notes: docs/design/write-path.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -30,8 +31,11 @@ from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta
 
 log = logging.getLogger(__name__)
 
-#: How often a commit that lost an append race is rebased and retried.
-MAX_REBASES = 20
+#: How long a commit that keeps losing append races to other writers goes on rebasing.
+#: Time, not a count: a busy peer committing back to back can win many races in a row,
+#: and the jittered pauses below let this writer fit between its commits eventually.
+REBASE_WINDOW = 60.0
+REBASE_PAUSE_MAX = 0.5
 
 
 def new_stream() -> str:
@@ -68,6 +72,7 @@ class FileWriter:
         block_size: int,
         spawn: Callable[..., None],
         stage_limiter: trio.CapacityLimiter,
+        commit_limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.key = key
         self.base = base
@@ -76,6 +81,9 @@ class FileWriter:
         self._block_size = block_size
         self._spawn = spawn
         self._stage_limiter = stage_limiter
+        #: Shared by the files of a mount: a commit holds pending bytes in memory while it
+        #: sends them, so commits of many files at once must not run all at once.
+        self._commit_limiter = commit_limiter
         self.size = base.size if base else 0
         self.stream = (base.stream if base else None) or new_stream()
         self.epoch = Epoch.fresh(self.size)
@@ -225,7 +233,11 @@ class FileWriter:
             covered = self.committed_seq >= target and not self._must_create
             if self.error is None and (not self.pending or covered):
                 return  # nothing to do, or a commit that ran while we waited covered us
-            await self._commit_locked()
+            if self._commit_limiter is None:
+                await self._commit_locked()
+                return
+            async with self._commit_limiter:
+                await self._commit_locked()
 
     async def _commit_locked(self) -> None:
         if not self.pending:
@@ -283,7 +295,9 @@ class FileWriter:
                                      [(o, o, n) for o, n in dirty], dirty)
 
     async def _commit_epoch(self, ep: Epoch, size: int, commit_id: str) -> ObjectMeta:
-        for _ in range(MAX_REBASES):
+        deadline = trio.current_time() + REBASE_WINDOW
+        races = 0
+        while True:
             metadata = self._metadata(ep)
             upload = self._upload(ep)
             try:
@@ -292,6 +306,14 @@ class FileWriter:
                 await upload.abort()
                 ep.upload = None
                 ep.staged.clear()
+                races += 1
+                if trio.current_time() > deadline:
+                    raise PreconditionFailed(f"{self.key}: still racing other writers after "
+                                             f"{races} rebases in {REBASE_WINDOW:g}s") from None
+                if races > 1:
+                    # Lost again: pause a random moment before re-reading the remote, so
+                    # two writers stop colliding in lockstep.
+                    await trio.sleep(random.uniform(0, min(REBASE_PAUSE_MAX, 0.01 * 2**races)))
                 size = await self._rebase(ep, size, commit_id)
                 continue
             except BaseException:
@@ -301,8 +323,6 @@ class FileWriter:
                 raise
             self.stream = metadata[META_STREAM]
             return meta
-        raise PreconditionFailed(f"{self.key}: still racing other writers after "
-                                 f"{MAX_REBASES} rebases")
 
     async def _rebase(self, ep: Epoch, size: int, commit_id: str) -> int:
         """Move our appended bytes onto the new remote end, or fail (SPEC §2).

@@ -75,10 +75,14 @@ class Blocking:
                     raise err from exc
                 attempt += 1
                 delay = random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
-                if trio.current_time() + delay > deadline:
+                # A delay past the deadline is cut short, not a reason to give up early:
+                # an outage shorter than retry_timeout must be ridden out.
+                left = deadline - trio.current_time()
+                if left <= 0:
                     raise StoreUnavailable(
                         f"gave up after {attempt} attempts in {self.retry_timeout:g}s: {err}"
                     ) from exc
+                delay = min(delay, left)
                 self.retries += 1
                 level = logging.DEBUG if attempt < 3 else logging.WARNING
                 log.log(level, "retrying %s (attempt %d) after %s", getattr(fn, "__name__", fn),
