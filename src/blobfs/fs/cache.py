@@ -66,6 +66,36 @@ class BlockCache:
     def contains(self, bkey: BlockKey) -> bool:
         return bkey in self._blocks or bkey in self._inflight
 
+    async def fetch_run(self, bkeys: list[BlockKey],
+                        load: Callable[[], Awaitable[bytes]]) -> None:
+        """Download consecutive blocks with one request (read-ahead), sharing it with any
+        reader that asks for one of them meanwhile. Blocks already cached or in flight are
+        not claimed, but the request still covers them: one ranged GET beats several."""
+        claimed = {k: _Inflight() for k in bkeys if k not in self._blocks
+                   and k not in self._inflight}
+        if not claimed:
+            return
+        self._inflight.update(claimed)
+        self.misses += len(claimed)
+        try:
+            data = await load()
+            for i, bkey in enumerate(bkeys):
+                chunk = data[i * CACHE_BLOCK : (i + 1) * CACHE_BLOCK]
+                if bkey in claimed:
+                    claimed[bkey].data = chunk
+                self.put_nowait(bkey, chunk)
+        except BaseException as exc:
+            for waiting in claimed.values():
+                waiting.error = exc
+            raise
+        finally:
+            for bkey, waiting in claimed.items():
+                if self._inflight.get(bkey) is waiting:
+                    del self._inflight[bkey]
+                if waiting.data is None and waiting.error is None:
+                    waiting.error = RuntimeError("read-ahead ended without the block")
+                waiting.done.set()
+
     async def fetch(self, bkey: BlockKey, load: Callable[[], Awaitable[bytes]]) -> bytes:
         """The block's bytes: from the cache, from a download in flight, or by `load()`."""
         data = self.get_nowait(bkey)

@@ -31,6 +31,9 @@ from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
 
 log = logging.getLogger(__name__)
 
+#: Largest read-ahead request, in cache blocks: parallel ranged GETs of up to 8 MiB.
+READ_AHEAD_RUN = 8
+
 #: Commits of different files running at once. Each holds up to a few blocks of pending
 #: bytes in memory while it sends them (SPEC §5: memory is bounded).
 COMMITS_AT_ONCE = 8
@@ -589,16 +592,29 @@ class Filesystem:
         if h.window <= CACHE_BLOCK and off != 0:
             return
         ahead_end = min(meta.size, end + h.window)
+        run: list[int] = []
         for block_no in range((end - 1) // CACHE_BLOCK + 1, (ahead_end - 1) // CACHE_BLOCK + 1):
-            bkey = (meta.key, meta.etag, block_no)
-            if not self.cache.contains(bkey):
-                self._spawn(self._prefetch, meta, block_no)
+            if self.cache.contains((meta.key, meta.etag, block_no)):
+                continue
+            if run and (block_no != run[-1] + 1 or len(run) == READ_AHEAD_RUN):
+                self._spawn(self._prefetch, meta, run)
+                run = []
+            run.append(block_no)
+        if run:
+            self._spawn(self._prefetch, meta, run)
 
-    async def _prefetch(self, meta: ObjectMeta, block_no: int) -> None:
+    async def _prefetch(self, meta: ObjectMeta, blocks: list[int]) -> None:
+        """Fetch consecutive blocks with one ranged GET: requests, not bytes, cost most."""
+        off = blocks[0] * CACHE_BLOCK
+        size = len(blocks) * CACHE_BLOCK
+
+        async def load() -> bytes:
+            return await self.store.read(meta.key, meta.etag, off, size)
+
         try:
-            await self._block(meta, block_no)
+            await self.cache.fetch_run([(meta.key, meta.etag, b) for b in blocks], load)
         except StoreError as exc:
-            log.debug("prefetch of %s block %d failed: %s", meta.key, block_no, exc)
+            log.debug("prefetch of %s blocks %s failed: %s", meta.key, blocks, exc)
 
     # --- writes ---------------------------------------------------------------------
     async def write(self, fh: int, off: int, data: bytes) -> int:
