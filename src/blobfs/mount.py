@@ -346,7 +346,8 @@ async def _announce_ready(cfg: MountConfig, notifier: Notifier, telemetry: Telem
     """Announce readiness once the mountpoint answers, then feed the watchdog."""
     # The mount answers once the kernel gets a reply to a stat through it. The stat runs
     # in a thread because this very loop has to answer it.
-    await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
     if on_ready is not None:
         on_ready()
     else:
@@ -355,6 +356,28 @@ async def _announce_ready(cfg: MountConfig, notifier: Notifier, telemetry: Telem
     # systemd arms the watchdog only once READY=1 arrived (and a daemonized child becomes
     # the main PID only then), so the pings start here.
     await systemd.run_watchdog(notifier)
+
+
+#: Kernel read-ahead for the mount, in KiB. FUSE_INIT caps it at the kernel's default
+#: (128 KiB), so a cold sequential read reaches the daemon as 128 KiB requests; at 1 MiB,
+#: FUSE's largest request (max_pages 256), it takes 8x fewer round trips. Measured by
+#: scripts/bench (cold dd bs=1M of 256 MiB, 3 A/B pairs): file:// 541 -> 680 MiB/s
+#: (+25 %); az:// and s3:// are bound by their servers (no change beyond noise). Raising it
+#: needs root (sysfs); otherwise the kernel default stays.
+READ_AHEAD_KB = 1024
+
+
+def _raise_readahead(dev: int) -> None:
+    """Raise the read-ahead of the mount's backing device info (blocking: sysfs I/O)."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path) as f:
+            current = int(f.read())
+        if current < READ_AHEAD_KB:
+            with open(path, "w") as f:
+                f.write(str(READ_AHEAD_KB))
+    except (OSError, ValueError) as exc:
+        log.debug("kernel read-ahead stays at its default (%s: %s)", path, exc)
 
 
 def _write_state(cfg: MountConfig, has_control: bool) -> None:
