@@ -8,6 +8,7 @@ CPU each side used, and the py-spy hot spots when the run was profiled.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -295,13 +296,16 @@ def cpu_table(records: Records) -> list[str]:
 def profile_section(out: Path, top: int = 12) -> list[str]:
     """Self time and inclusive time per function from py-spy's collapsed stacks."""
     prof = out / "profiles"
-    files = sorted(prof.glob("*.collapsed")) if prof.is_dir() else []
+    files = sorted(prof.glob("*.collapsed*")) if prof.is_dir() else []
     lines: list[str] = []
     for path in files:
         self_t: Counter[str] = Counter()
         incl: Counter[str] = Counter()
         total = 0
-        for raw in path.read_text(errors="replace").splitlines():
+        blob = path.read_bytes()
+        if path.suffix == ".gz":
+            blob = gzip.decompress(blob)
+        for raw in blob.decode(errors="replace").splitlines():
             stack, _, count = raw.rpartition(" ")
             if not stack or not count.isdigit():
                 continue
@@ -313,7 +317,7 @@ def profile_section(out: Path, top: int = 12) -> list[str]:
                 incl[fr] += n
         if not total:
             continue
-        lines += [f"**{path.stem}** ({total} samples of the daemon's busy threads at "
+        lines += [f"**{path.name.split('.')[0]}** ({total} samples of the daemon's busy threads at "
                   "200 Hz)", "",
                   "| self | inclusive | function |", "|---|---|---|"]
         for fn, n in self_t.most_common(top):
@@ -387,6 +391,9 @@ def write_markdown(out: Path, meta: dict[str, Any], records: Records) -> None:
                "separate run, so that sampling does not perturb the figures above. Waiting in "
                "`epoll`/`WorkerThread._work` is idle time; the rest is where the daemon's "
                "time goes.", "", *prof]
+    if (out / "peers" / "results.md").exists():
+        md += ["The same workloads on s3fs and rclone (`scripts/bench --quick --peers`): "
+               "[`peers/results.md`](peers/results.md).", ""]
     if (out / "analysis.md").exists():
         md += ["What bounds each missed target, with the evidence and proposed fixes: "
                "[`analysis.md`](analysis.md).", ""]
@@ -410,7 +417,7 @@ def write_plot(out: Path, meta: dict[str, Any], records: Records) -> None:
               "rclone-writes": "#98df8a"}
 
     def bars(ax: Any, title: str, unit: str, value: Any, log: bool = False,
-             systems_here: list[str] | None = None) -> None:
+             systems_here: list[str] | None = None, label: Any = None) -> None:
         names = systems_here or [s for s in systems if s != "sdk"]
         width = 0.8 / max(1, len(names))
         for i, system in enumerate(names):
@@ -420,6 +427,9 @@ def write_plot(out: Path, meta: dict[str, Any], records: Records) -> None:
                 if v is not None:
                     xs.append(j + (i - (len(names) - 1) / 2) * width)
                     ys.append(v)
+                    if label is not None:
+                        ax.annotate(label(system, store), (xs[-1], v), ha="center",
+                                    va="bottom", fontsize=7)
             ax.bar(xs, ys, width, label=system, color=colors.get(system))
         ax.set_xticks(range(len(stores)), [STORE_TITLE[s] for s in stores])
         ax.set_title(title)
@@ -428,19 +438,27 @@ def write_plot(out: Path, meta: dict[str, Any], records: Records) -> None:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
 
-    def thr(kind: str) -> Any:
+    def mib(kind: str, system: str, store: str) -> float | None:
+        f = t.get(system, store, kind)
+        return f["mib_s"] if f else None
+
+    def pct(kind: str) -> Any:
         def value(system: str, store: str) -> float | None:
-            if system == "sdk":
-                f = t.get("sdk", store, "ceiling")
-                return f[f"{kind}_mib_s"] if f else None
-            f = t.get(system, store, kind)
-            return f["mib_s"] if f else None
+            c = t.get("sdk", store, "ceiling")
+            v = mib(kind, system, store)
+            return v / c[f"{kind}_mib_s"] * 100 if c and v is not None else None
         return value
 
-    bars(axes[0][0], f"sequential write {meta['sizes']['seq_mib']} MiB", "MiB/s",
-         thr("write"), systems_here=systems)
-    bars(axes[0][1], f"sequential read {meta['sizes']['seq_mib']} MiB (cold)", "MiB/s",
-         thr("read"), systems_here=systems)
+    def mib_label(kind: str) -> Any:
+        return lambda system, store: f"{mib(kind, system, store):.0f} MiB/s"
+
+    bars(axes[0][0], f"sequential write {meta['sizes']['seq_mib']} MiB", "% of the SDK ceiling",
+         pct("write"), label=mib_label("write"))
+    bars(axes[0][1], f"sequential read {meta['sizes']['seq_mib']} MiB (cold)",
+         "% of the SDK ceiling", pct("read"), label=mib_label("read"))
+    for ax in (axes[0][0], axes[0][1]):
+        ax.axhline(85, color="red", lw=0.8, ls="--")
+        ax.axhline(100, color="grey", lw=0.6)
     axes[0][0].legend(fontsize=8)
 
     def per_append(system: str, store: str) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import os
 import re
 import signal
@@ -129,6 +130,9 @@ def profiled(ctx: Ctx, m: Mounted, label: str) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if out.exists():  # kept small: the report reads it compressed
+            Path(f"{out}.gz").write_bytes(gzip.compress(out.read_bytes()))
+            out.unlink()
 
 
 @contextlib.contextmanager
