@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.envs import StoreEnv, free_port
+from tests.support.waiting import wait_started
 
 ROOT = Path(__file__).resolve().parents[2]
 AZURITE = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
@@ -117,14 +117,8 @@ def server(tmp: Path) -> Iterator[Azurite]:
         )
     try:
         endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(endpoint):
-            if proc.poll() is not None:
-                log_text = log_path.read_text(errors="replace")
-                raise RuntimeError(f"azurite exited with {proc.returncode}:\n{log_text}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"azurite did not answer within {START_TIMEOUT}s")
-            time.sleep(0.05)
+        wait_started(proc, lambda: _answers(endpoint), "azurite", START_TIMEOUT,
+                     lambda: log_path.read_text(errors="replace"))
         # The test process opens stores too (`StoreEnv.open`), where only the process
         # environment carries credentials; the development key serves every container.
         saved = os.environ.get(ENV_VAR)

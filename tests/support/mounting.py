@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.envs import StoreEnv
+from tests.support.waiting import wait_started
 
 MOUNT_TIMEOUT = 30.0
 
@@ -116,13 +116,8 @@ def mounted(
                                 stdin=subprocess.DEVNULL)
     mnt = Mount(path, proc, cache_dir, log_path)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not _is_mount(path) or _dead(path):
-            if proc.poll() is not None:
-                raise RuntimeError(f"blobfs exited with {proc.returncode}:\n{mnt.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"blobfs did not mount within {MOUNT_TIMEOUT}s:\n{mnt.log()}")
-            time.sleep(0.02)
+        wait_started(proc, lambda: _is_mount(path) and not _dead(path), "blobfs",
+                     MOUNT_TIMEOUT, mnt.log)
         yield mnt
     finally:
         mnt.stop()

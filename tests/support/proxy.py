@@ -228,26 +228,22 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return
-                left = size
-                while left:
-                    chunk = self.rfile.read(min(left, _CHUNK))
-                    if not chunk:
-                        raise ConnectionError("client closed mid-body")
-                    left -= len(chunk)
-                    rec.bytes_up += len(chunk)
-                    self.server.proxy._add_bytes(len(chunk))
-                    yield chunk
+                yield from self._counted(size, rec)
                 self.rfile.readline(3)
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                chunk = self.rfile.read(min(left, _CHUNK))
-                if not chunk:
-                    raise ConnectionError("client closed mid-body")
-                left -= len(chunk)
-                rec.bytes_up += len(chunk)
-                self.server.proxy._add_bytes(len(chunk))
-                yield chunk
+            yield from self._counted(int(self.headers.get("Content-Length") or 0), rec)
+
+    def _counted(self, size: int, rec: RequestRecord) -> Iterator[bytes]:
+        """Exactly `size` body bytes, counted as uploaded."""
+        left = size
+        while left:
+            chunk = self.rfile.read(min(left, _CHUNK))
+            if not chunk:
+                raise ConnectionError("client closed mid-body")
+            left -= len(chunk)
+            rec.bytes_up += len(chunk)
+            self.server.proxy._add_bytes(len(chunk))
+            yield chunk
 
     def _drain(self, rec: RequestRecord) -> None:
         for _ in self._body(rec):

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support.envs import StoreEnv, free_port
 from tests.support.proxy import RequestRecord
+from tests.support.waiting import wait_started
 
 START_TIMEOUT = 30.0
 
@@ -144,13 +144,7 @@ def server(tmp: Path, *, auth: bool = False) -> Iterator[MotoServer]:
         )
     srv = MotoServer(f"http://127.0.0.1:{port}", port, proc, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(port):
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto exited with {proc.returncode}:\n{srv.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto did not answer within {START_TIMEOUT}s:\n{srv.log()}")
-            time.sleep(0.05)
+        wait_started(proc, lambda: _answers(port), "moto", START_TIMEOUT, srv.log)
         yield srv
     finally:
         _stop(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -17,3 +18,16 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condi
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s")
         time.sleep(interval)
+
+
+def wait_started(proc: subprocess.Popen[bytes], ready: Callable[[], object], what: str,
+                 timeout: float, log: Callable[[], str]) -> None:
+    """Wait until a child process we started answers; fail with its log if it exits first
+    or does not answer within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer within {timeout}s:\n{log()}")
+        time.sleep(0.02)
