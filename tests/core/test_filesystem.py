@@ -220,6 +220,59 @@ async def test_shutdown_refuses_new_writers(store: MemoryStore, tmp_path: Path) 
         assert exc.value.errno == errno.EROFS
 
 
+class _GatedStore(MemoryStore):
+    """Records the base of every upload; holds each commit until `gate` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.bases: list[int | None] = []
+        self.gate = trio.Event()
+        self.commit_started = trio.Event()
+
+    def begin_upload(self, key, base, source, metadata=None):  # type: ignore[no-untyped-def]
+        self.bases.append(base.size if base else None)
+        upload = super().begin_upload(key, base, source, metadata)
+        commit = upload.commit
+
+        async def gated(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.commit_started.set()
+            await self.gate.wait()
+            return await commit(*args, **kwargs)
+
+        upload.commit = gated  # type: ignore[method-assign]
+        return upload
+
+
+async def test_blocks_filled_during_a_commit_are_staged_once(tmp_path: Path) -> None:
+    # Regression: blocks that filled while the previous commit ran were staged against
+    # the version before it; the next commit then lost its condition, rebased and sent
+    # them again (a streaming writer under the commit timer uploaded everything twice).
+    store = _GatedStore(f"gated-{os.getpid()}")
+    bs = 256 << 10
+    first, second = os.urandom(2 * bs), os.urandom(3 * bs)
+    async with running_fs(store, tmp_path, block_size=bs) as fs:
+        fh, _ = await fs.create_file(1, "stream", os.O_WRONLY | os.O_CREAT)
+        store.gate.set()
+        await fs.flush(fh)  # the empty file exists remotely
+        store.gate = trio.Event()
+        store.commit_started = trio.Event()
+        await fs.write(fh, 0, first)
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.fsync, fh)
+            await store.commit_started.wait()
+            await fs.write(fh, len(first), second)  # lands in the next epoch
+            await trio.sleep(0.05)
+            staged_meanwhile = store.staged_bytes
+            store.gate.set()
+        await fs.flush(fh)
+        await fs.release(fh)
+        head = await store.head("stream")
+        assert await read_all(store, head) == first + second
+        assert staged_meanwhile == len(first)  # nothing staged against the old version
+        assert store.bases[-1] == len(first)  # the next epoch built on the new version
+        assert store.staged_bytes == len(first) + len(second)  # each block sent once
+
+
 class _Src:
     def __init__(self, data: bytes, off: int) -> None:
         self.data, self.off = data, off

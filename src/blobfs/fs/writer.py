@@ -102,6 +102,9 @@ class FileWriter:
         self.timer_armed = False
         #: A brand-new key with nothing committed yet must still be created remotely.
         self._must_create = base is None
+        #: Set while no commit is in flight: the version the current epoch builds on exists.
+        self._settled = trio.Event()
+        self._settled.set()
 
     def restore(self, size: int, epoch: Epoch) -> None:
         """Adopt pending state replayed from the spool journal (crash recovery)."""
@@ -201,6 +204,12 @@ class FileWriter:
 
     async def _stage_chunk(self, ep: Epoch, off: int) -> None:
         try:
+            # An upload is planned against the version its epoch builds on. While the
+            # commit before this epoch runs, that version does not exist yet: parts staged
+            # against the older one would be sent again by a rebase (a streaming writer
+            # under the commit timer uploaded everything twice).
+            while self.inflight is not None and self.inflight is not ep:
+                await self._settled.wait()
             async with self._stage_limiter:
                 seen = ep.chunk_writes.get(off)
                 if self.epoch is not ep or seen is None:
@@ -256,12 +265,14 @@ class FileWriter:
                 raise self.error from exc
             self.epoch = Epoch.fresh(size)
             self.inflight = ep
+            self._settled = trio.Event()
         try:
             await ep.idle.wait()
             meta = await self._commit_epoch(ep, size, commit_id)
         except BaseException as exc:
             self.inflight = None
             self.epoch = merge(ep, self.epoch, self.size)
+            self._settled.set()
             if isinstance(exc, StoreError | OSError):
                 self.error = commit_failed(f"commit of {self.key} failed: {exc}")
                 await self._record_quietly(t="F")
@@ -269,6 +280,7 @@ class FileWriter:
             raise
         self.inflight = None
         self.base = meta
+        self._settled.set()
         self._must_create = False
         self.committed_seq = seq
         self.error = None
