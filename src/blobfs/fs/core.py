@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: Largest read-ahead request, in cache blocks: parallel ranged GETs of up to 8 MiB.
 READ_AHEAD_RUN = 8
+#: How far from the previous read's end a read still counts as sequential: the kernel's
+#: concurrent read-ahead requests arrive slightly out of order.
+SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
 
 #: Commits of different files running at once. Each holds up to a few blocks of pending
 #: bytes in memory while it sends them (SPEC §5: memory is bounded).
@@ -100,6 +104,9 @@ class Filesystem:
         self._invalidate = invalidate
         self.inodes = InodeTable()
         self.cache = BlockCache(cfg.cache_size)
+        #: Blocks of runs decided on but whose fetch task has not claimed them in the
+        #: cache yet: a read arriving in between must not fetch them again.
+        self._scheduled: dict[tuple[str, str, int], trio.Event] = {}
         self._handles: dict[Fh, Handle] = {}
         self._next_fh = 1
         self._listings: dict[str, _Listing] = {}
@@ -563,6 +570,23 @@ class Filesystem:
         if end <= off:
             return b""
         first, last = off // CACHE_BLOCK, (end - 1) // CACHE_BLOCK
+        stop = self._advance_window(h, off, end, meta.size)
+        runs = self._missing_runs(meta, first, stop)
+        if (runs and runs[-1][0] > last and len(runs[-1]) < READ_AHEAD_RUN
+                and stop < meta.size and h.window >= 2 * READ_AHEAD_RUN * CACHE_BLOCK):
+            # The window slides a block per read: its newest blocks wait until they make a
+            # whole run, so far enough ahead there is one GET per run, not one per block.
+            runs.pop()
+        for run in runs:
+            fetched = trio.Event()
+            self._scheduled.update(((meta.key, meta.etag, b), fetched) for b in run)
+            if run[0] > last:
+                self._spawn(self._prefetch, meta, run)
+        # A run holding blocks this read needs is fetched now, whole: in a sequential
+        # stream a demand miss then costs one GET for the run instead of one per block.
+        demand = [run for run in runs if run[0] <= last]
+        if demand:
+            await _gather(*(functools.partial(self._prefetch, meta, run) for run in demand))
         blocks: dict[int, bytes] = {}
 
         def loader(block_no: int) -> Callable[[], Awaitable[None]]:
@@ -573,35 +597,52 @@ class Filesystem:
         await _gather(*(loader(b) for b in range(first, last + 1)))
         data = b"".join(blocks[b] for b in range(first, last + 1))
         start = off - first * CACHE_BLOCK
-        self._read_ahead(h, meta, off, end)
         return data[start : start + (end - off)]
 
     async def _block(self, meta: ObjectMeta, block_no: int) -> bytes:
+        scheduled = self._scheduled.get((meta.key, meta.etag, block_no))
+        if scheduled is not None:
+            await scheduled.wait()  # a run fetching it is about to start
+
         async def load() -> bytes:
             return await self.store.read(meta.key, meta.etag, block_no * CACHE_BLOCK,
                                          CACHE_BLOCK)
         return await self.cache.fetch((meta.key, meta.etag, block_no), load)
 
-    def _read_ahead(self, h: Handle, meta: ObjectMeta, off: int, end: int) -> None:
-        """Grow the window on sequential reads and prefetch it in parallel (SPEC §3)."""
-        if off == h.last_end:
+    def _advance_window(self, h: Handle, off: int, end: int, size: int) -> int:
+        """Grow the window on sequential reads; return where fetching should stop (SPEC §3).
+
+        Called as a read arrives, before any await, so reads are seen in the kernel's
+        order. The kernel still sends its read-ahead as several concurrent requests, a
+        little out of order: a read near the furthest end seen so far is sequential.
+        """
+        sequential = off == 0 or abs(off - h.last_end) <= SEQUENTIAL_SLACK
+        if sequential and off != 0:
             h.window = min(h.window * 2, self.cfg.readahead_max)
+            h.last_end = max(h.last_end, end)
         else:
             h.window = CACHE_BLOCK
-        h.last_end = end
-        if h.window <= CACHE_BLOCK and off != 0:
-            return
-        ahead_end = min(meta.size, end + h.window)
+            h.last_end = end
+        if not sequential:
+            return end
+        return min(size, max(end, h.last_end) + h.window)
+
+    def _missing_runs(self, meta: ObjectMeta, first: int, stop: int) -> list[list[int]]:
+        """Blocks from `first` up to byte `stop` that are neither cached nor in flight, as
+        runs of consecutive blocks fetched with one ranged GET each."""
+        runs: list[list[int]] = []
         run: list[int] = []
-        for block_no in range((end - 1) // CACHE_BLOCK + 1, (ahead_end - 1) // CACHE_BLOCK + 1):
-            if self.cache.contains((meta.key, meta.etag, block_no)):
+        for block_no in range(first, (stop - 1) // CACHE_BLOCK + 1):
+            bkey = (meta.key, meta.etag, block_no)
+            if self.cache.contains(bkey) or bkey in self._scheduled:
                 continue
             if run and (block_no != run[-1] + 1 or len(run) == READ_AHEAD_RUN):
-                self._spawn(self._prefetch, meta, run)
+                runs.append(run)
                 run = []
             run.append(block_no)
         if run:
-            self._spawn(self._prefetch, meta, run)
+            runs.append(run)
+        return runs
 
     async def _prefetch(self, meta: ObjectMeta, blocks: list[int]) -> None:
         """Fetch consecutive blocks with one ranged GET: requests, not bytes, cost most."""
@@ -611,10 +652,16 @@ class Filesystem:
         async def load() -> bytes:
             return await self.store.read(meta.key, meta.etag, off, size)
 
+        bkeys = [(meta.key, meta.etag, b) for b in blocks]
         try:
-            await self.cache.fetch_run([(meta.key, meta.etag, b) for b in blocks], load)
+            await self.cache.fetch_run(bkeys, load)
         except StoreError as exc:
             log.debug("prefetch of %s blocks %s failed: %s", meta.key, blocks, exc)
+        finally:
+            for bkey in bkeys:
+                fetched = self._scheduled.pop(bkey, None)
+                if fetched is not None:
+                    fetched.set()
 
     # --- writes ---------------------------------------------------------------------
     async def write(self, fh: int, off: int, data: bytes) -> int:
