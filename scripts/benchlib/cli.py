@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(WORKLOADS),
                    help=f"comma-separated workloads: {','.join(WORKLOADS)}")
     p.add_argument("--systems", default=None,
-                   help="comma-separated filesystems (default: blobfs, plus the peers)")
+                   help="comma-separated filesystems (default: blobfs, plus the peers); "
+                   "blobfs[OPT=V+OPT=V] is blobfs with those mount options")
     p.add_argument("--profile", action="store_true",
                    help="sample the blobfs daemon with py-spy during write, read and append")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"),

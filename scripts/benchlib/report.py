@@ -434,7 +434,7 @@ def write_plot(out: Path, meta: dict[str, Any], records: Records) -> None:
         ax.set_xticks(range(len(stores)), [STORE_TITLE[s] for s in stores])
         ax.set_title(title)
         ax.set_ylabel(unit)
-        if log:
+        if log and ax.patches:  # a run without this workload has nothing to scale
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
 

@@ -126,6 +126,10 @@ class Blobfs(Target):
 
     def __init__(self, extra_options: list[str] | None = None) -> None:
         self.extra_options = extra_options or []
+        if self.extra_options:
+            # A variant: its rows must not be read as the defaults' figures.
+            self.name = f"blobfs[{'+'.join(self.extra_options)}]"
+            self.description = f"blobfs with -o {','.join(self.extra_options)}"
 
     def command(self, backend: Backend, mnt: Path, state: Path,
                 endpoint: str | None) -> tuple[list[str], dict[str, str | None]]:
@@ -268,6 +272,9 @@ def strip_version_null(upstream: str) -> Callable[[Any], Any]:
 def by_name(name: str) -> Target:
     if name == "blobfs":
         return Blobfs()
+    if name.startswith("blobfs[") and name.endswith("]"):
+        # e.g. blobfs[commit_interval=60]: blobfs with mount options, '+' between them
+        return Blobfs(name[len("blobfs[") : -1].split("+"))
     if name == "s3fs":
         return S3fs()
     if name == "rclone":
