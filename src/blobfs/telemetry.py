@@ -78,6 +78,9 @@ class _MeteredUpload:
     def __init__(self, inner: BlockUpload, meter: Meter) -> None:
         self._inner = inner
         self._meter = meter
+        if getattr(inner, "stage_pending", None) is not None:
+            # Offered only when the inner upload has it: callers probe with getattr.
+            self.stage_pending = self._stage_pending
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -85,6 +88,10 @@ class _MeteredUpload:
     async def stage(self, off: int, data: bytes) -> None:
         await self._inner.stage(off, data)
         self._meter.staged_bytes += len(data)
+
+    async def _stage_pending(self, off: int, size: int) -> None:
+        await self._inner.stage_pending(off, size)  # type: ignore[attr-defined]
+        self._meter.staged_bytes += size
 
     async def commit(self, size: int, dirty: Sequence[Range], metadata: Mapping[str, str],
                      *args: Any, **kwargs: Any) -> Any:

@@ -3,6 +3,12 @@
 Blocks are immutable because versions are: a (key, etag, block_no) entry never changes,
 so no invalidation is needed beyond eviction. Concurrent misses for one block share one
 download. Runs on the trio thread only.
+
+A read-ahead run is kept as read-only memoryview slices of its one buffer: slicing it into
+1 MiB bytes copied every byte on the trio thread. `fetch_view` hands out such a slice
+as is; `fetch` turns it into bytes once, on first use, and caches the bytes instead, so a
+run's buffer is freed once its blocks were all read or evicted. Until then it can hold up
+to one run (READ_AHEAD_RUN blocks) beyond what `used` counts for each partly read run.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from blobfs.types import ETag
 CACHE_BLOCK = 1 << 20
 
 BlockKey = tuple[str, ETag, int]
+#: A cached block: bytes, or a read-only slice of a read-ahead run's buffer.
+Block = bytes | memoryview
 
 
 class _Inflight:
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: Block | None = None
         self.error: BaseException | None = None
 
 
@@ -30,18 +38,31 @@ class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self._blocks: OrderedDict[BlockKey, bytes] = OrderedDict()
+        self._blocks: OrderedDict[BlockKey, Block] = OrderedDict()
         self._inflight: dict[BlockKey, _Inflight] = {}
         self.hits = 0
         self.misses = 0
 
     def get_nowait(self, bkey: BlockKey) -> bytes | None:
+        data = self.get_view_nowait(bkey)
+        return None if data is None else self._as_bytes(bkey, data)
+
+    def get_view_nowait(self, bkey: BlockKey) -> Block | None:
         data = self._blocks.get(bkey)
         if data is not None:
             self._blocks.move_to_end(bkey)
         return data
 
-    def put_nowait(self, bkey: BlockKey, data: bytes) -> None:
+    def _as_bytes(self, bkey: BlockKey, data: Block) -> bytes:
+        """`data` as bytes; a run's slice is copied once and the copy replaces it."""
+        if isinstance(data, bytes):
+            return data
+        out = data.tobytes()
+        if self._blocks.get(bkey) is data:
+            self._blocks[bkey] = out  # same size and LRU position
+        return out
+
+    def put_nowait(self, bkey: BlockKey, data: Block) -> None:
         if len(data) > self.capacity:
             return
         old = self._blocks.pop(bkey, None)
@@ -79,8 +100,10 @@ class BlockCache:
         self.misses += len(claimed)
         try:
             data = await load()
+            # One block is kept as it came; a run is sliced without copying.
+            run: Block = memoryview(data).toreadonly() if len(data) > CACHE_BLOCK else data
             for i, bkey in enumerate(bkeys):
-                chunk = data[i * CACHE_BLOCK : (i + 1) * CACHE_BLOCK]
+                chunk = run[i * CACHE_BLOCK : (i + 1) * CACHE_BLOCK]
                 if bkey in claimed:
                     claimed[bkey].data = chunk
                 self.put_nowait(bkey, chunk)
@@ -98,7 +121,12 @@ class BlockCache:
 
     async def fetch(self, bkey: BlockKey, load: Callable[[], Awaitable[bytes]]) -> bytes:
         """The block's bytes: from the cache, from a download in flight, or by `load()`."""
-        data = self.get_nowait(bkey)
+        return self._as_bytes(bkey, await self.fetch_view(bkey, load))
+
+    async def fetch_view(self, bkey: BlockKey, load: Callable[[], Awaitable[bytes]]) -> Block:
+        """Like `fetch`, but a block of a read-ahead run comes as a read-only memoryview
+        slice, without a copy: for callers that slice it or hand it on as a buffer."""
+        data = self.get_view_nowait(bkey)
         if data is not None:
             self.hits += 1
             return data

@@ -587,7 +587,7 @@ class Filesystem:
         demand = [run for run in runs if run[0] <= last]
         if demand:
             await _gather(*(functools.partial(self._prefetch, meta, run) for run in demand))
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, bytes | memoryview] = {}
 
         def loader(block_no: int) -> Callable[[], Awaitable[None]]:
             async def load() -> None:
@@ -595,11 +595,15 @@ class Filesystem:
             return load
 
         await _gather(*(loader(b) for b in range(first, last + 1)))
+        if first == last:
+            # One block: hand its slice to the kernel as a buffer, without a copy.
+            start = off - first * CACHE_BLOCK
+            return memoryview(blocks[first])[start : start + (end - off)]
         data = b"".join(blocks[b] for b in range(first, last + 1))
         start = off - first * CACHE_BLOCK
         return data[start : start + (end - off)]
 
-    async def _block(self, meta: ObjectMeta, block_no: int) -> bytes:
+    async def _block(self, meta: ObjectMeta, block_no: int) -> bytes | memoryview:
         scheduled = self._scheduled.get((meta.key, meta.etag, block_no))
         if scheduled is not None:
             await scheduled.wait()  # a run fetching it is about to start
@@ -607,7 +611,7 @@ class Filesystem:
         async def load() -> bytes:
             return await self.store.read(meta.key, meta.etag, block_no * CACHE_BLOCK,
                                          CACHE_BLOCK)
-        return await self.cache.fetch((meta.key, meta.etag, block_no), load)
+        return await self.cache.fetch_view((meta.key, meta.etag, block_no), load)
 
     def _advance_window(self, h: Handle, off: int, end: int, size: int) -> int:
         """Grow the window on sequential reads; return where fetching should stop (SPEC §3).

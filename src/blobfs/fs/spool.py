@@ -28,8 +28,9 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,10 @@ class SpoolEntry:
     data_fd: int
     journal_fd: int
     journal_size: int
+    #: Guards the switch of `data_fd` (rewrite, close) against `dup_data_sync` in another
+    #: worker thread, which must get the old file or the new one, never a closed number.
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                     compare=False)
 
     @property
     def data_path(self) -> Path:
@@ -160,11 +165,26 @@ class SpoolEntry:
             data += bytes(size - len(data))
         return data
 
+    def dup_data_sync(self) -> int:
+        """A new descriptor of the data file as it is now; the caller closes it (blocking).
+
+        A rewrite can switch in a new data file between two calls, so take one per use
+        and never keep it: later writes land in the new file.
+
+        Raises:
+            OSError: EBADF once the entry was closed.
+        """
+        with self._fd_lock:
+            if self.data_fd < 0:
+                raise OSError(errno.EBADF, f"spool entry {self.name} is closed")
+            return os.dup(self.data_fd)
+
     def _close_sync(self, remove: bool) -> None:
-        for fd in (self.data_fd, self.journal_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.data_fd = self.journal_fd = -1
+        with self._fd_lock:
+            for fd in (self.data_fd, self.journal_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.data_fd = self.journal_fd = -1
         if remove:
             for path in (self.journal_path, self.data_path):
                 with contextlib.suppress(FileNotFoundError):
@@ -242,11 +262,12 @@ class SpoolEntry:
         # The rename is the switch: before it the old entry is complete, after it the new.
         os.rename(tmp, self.root / f"{new_name}.journal")
         old_journal, old_data = self.journal_path, self.data_path
-        os.close(self.data_fd)
-        os.close(self.journal_fd)
+        with self._fd_lock:
+            os.close(self.data_fd)
+            os.close(self.journal_fd)
+            self.name, self.data_fd, self.journal_fd = new_name, fd, jfd
         old_journal.unlink(missing_ok=True)
         old_data.unlink(missing_ok=True)
-        self.name, self.data_fd, self.journal_fd = new_name, fd, jfd
         self.journal_size = len(data)
 
 

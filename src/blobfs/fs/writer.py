@@ -50,13 +50,17 @@ def base_record(meta: ObjectMeta | None) -> dict[str, Any] | None:
 
 
 class _SpoolSource:
-    """A PendingSource reading the spool."""
+    """A FilePendingSource over the spool: a local store copies from its data file."""
 
     def __init__(self, spool: SpoolEntry) -> None:
         self._spool = spool
 
     async def read_pending(self, off: int, size: int) -> bytes:
         return await self._spool.read(off, size)
+
+    def open_pending_sync(self) -> int:
+        # The spool's data file mirrors the new version's offsets (holes read as zeros).
+        return self._spool.dup_data_sync()
 
 
 class FileWriter:
@@ -214,9 +218,13 @@ class FileWriter:
                 seen = ep.chunk_writes.get(off)
                 if self.epoch is not ep or seen is None:
                     return
-                data = await self.spool.read(off, self._block_size)
                 upload = self._upload(ep)
-                await upload.stage(off, data)
+                stage_pending = getattr(upload, "stage_pending", None)
+                if stage_pending is not None:
+                    # The store copies the block from the spool itself (file://).
+                    await stage_pending(off, self._block_size)
+                else:
+                    await upload.stage(off, await self.spool.read(off, self._block_size))
                 if ep.chunk_writes.get(off) == seen:
                     ep.staged.add(off)
                 else:

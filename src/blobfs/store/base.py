@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from blobfs.types import ETag, ListPage, ObjectMeta, is_append_of
 
@@ -39,6 +39,27 @@ class PendingSource(Protocol):
 
     async def read_pending(self, off: int, size: int) -> bytes:
         """Return exactly `size` pending bytes at `off` of the new version (checkpoints)."""
+        ...
+
+
+@runtime_checkable
+class FilePendingSource(PendingSource, Protocol):
+    """A `PendingSource` backed by a file a store can copy from in the kernel.
+
+    Optional: a store that writes files (the local one) copies pending bytes with
+    `copy_file_range` instead of passing them through Python. Others use `read_pending`.
+    """
+
+    def open_pending_sync(self) -> int:
+        """A new descriptor of the file holding the pending bytes at their offsets in the
+        new version (holes, and the part past its end, read as zeros). The caller closes it.
+
+        Blocking: call it in a worker thread. The file can be replaced between two calls
+        (a rebase rewrites it), so take a fresh one per operation and never keep it.
+
+        Raises:
+            OSError: the source is closed.
+        """
         ...
 
 
@@ -80,6 +101,20 @@ class BlockUpload(Protocol):
 
     async def abort(self) -> None:
         """Release server-side state (multipart uploads, temp files). Idempotent."""
+        ...
+
+
+class StagesPending(Protocol):
+    """Optional on a `BlockUpload`: staging straight from its `PendingSource`.
+
+    Look it up with `getattr(upload, "stage_pending", None)`: wrappers that delegate by
+    `__getattr__` have it without declaring it.
+    """
+
+    async def stage_pending(self, off: int, size: int) -> None:
+        """`stage(off, <the source's bytes [off, off+size)>)` without the caller reading
+        them: the local store copies them from a `FilePendingSource` in the kernel. The
+        bytes are the source's as the call runs, like a `read_pending` at that moment."""
         ...
 
 

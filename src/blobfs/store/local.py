@@ -30,7 +30,13 @@ from blobfs.errors import (
     StoreError,
 )
 from blobfs.store._blocking import Blocking
-from blobfs.store.base import PendingSource, Range, base_segments, lineage_proves_append
+from blobfs.store.base import (
+    FilePendingSource,
+    PendingSource,
+    Range,
+    base_segments,
+    lineage_proves_append,
+)
 from blobfs.types import ETag, ListPage, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,13 @@ def _meta_of(key: str, fd: int) -> ObjectMeta:
 
 
 class LocalUpload:
+    """A new version written aside in DIR/.blobfs/tmp, renamed over the key by `commit`.
+
+    Pending bytes from a `FilePendingSource` (the spool) are copied into the temp file in
+    the kernel (`copy_file_range`): staging 8 MiB through Python bytes cost the daemon a
+    read and a write of every byte, and most of its CPU on a sequential write.
+    """
+
     def __init__(self, store: LocalStore, key: str, base: ObjectMeta | None,
                  source: PendingSource) -> None:
         self.key = key
@@ -82,17 +95,30 @@ class LocalUpload:
         self._staged: set[tuple[int, int]] = set()
 
     def _tmp_path(self) -> Path:
+        # Only a name: the worker thread that first writes it creates the file.
         if self._tmp is None:
             self._tmp = self._store.root / INTERNAL / "tmp" / secrets.token_hex(8)
-            self._tmp.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp.touch()
         return self._tmp
+
+    def _mark_staged(self, off: int, size: int) -> None:
+        self._staged = {s for s in self._staged if s[0] != off}
+        self._staged.add((off, size))
 
     async def stage(self, off: int, data: bytes) -> None:
         path = self._tmp_path()
         await self._store.io.call("write", _pwrite, path, off, data)
-        self._staged = {s for s in self._staged if s[0] != off}
-        self._staged.add((off, len(data)))
+        self._mark_staged(off, len(data))
+
+    async def stage_pending(self, off: int, size: int) -> None:
+        """`StagesPending.stage_pending`: an in-kernel copy from a `FilePendingSource`,
+        else `read_pending` + `stage` (checkpoints; the copy runs in a worker thread)."""
+        source = self._source
+        if not isinstance(source, FilePendingSource):
+            await self.stage(off, await source.read_pending(off, size))
+            return
+        path = self._tmp_path()
+        await self._store.io.call("write", _copy_pending, source, path, [Range(off, size)])
+        self._mark_staged(off, size)
 
     def discard_nowait(self, off: int) -> None:
         self._staged = {s for s in self._staged if s[0] != off}
@@ -103,15 +129,9 @@ class LocalUpload:
         base_size = self.base.size if self.base else 0
         plan = base_segments(size, dirty, base_size)
         staged = sorted(self._staged)
-        for kind, r in plan:
-            if kind != "dirty":
-                continue
-            # Bytes already staged in place need not be written again.
-            for gap in _uncovered(r, staged):
-                for off in range(gap.off, gap.end, _COPY_CHUNK):
-                    n = min(_COPY_CHUNK, gap.end - off)
-                    data = await self._source.read_pending(off, n)
-                    await self._store.io.call("write", _pwrite, path, off, data)
+        # Bytes already staged in place need not be written again.
+        gaps = [gap for kind, r in plan if kind == "dirty" for gap in _uncovered(r, staged)]
+        await self._fill(path, gaps)
         meta = await self._store.io.call(
             "write", self._store.commit_sync, self.key, self.base, path, plan, staged,
             dict(metadata),
@@ -119,6 +139,20 @@ class LocalUpload:
         self._tmp = None
         self._staged.clear()
         return meta
+
+    async def _fill(self, path: Path, gaps: list[Range]) -> None:
+        """Write the pending bytes of `gaps` into the temp file."""
+        if not gaps:
+            return
+        source = self._source
+        if isinstance(source, FilePendingSource):
+            await self._store.io.call("write", _copy_pending, source, path, gaps)
+            return
+        for gap in gaps:
+            for off in range(gap.off, gap.end, _COPY_CHUNK):
+                n = min(_COPY_CHUNK, gap.end - off)
+                data = await source.read_pending(off, n)
+                await self._store.io.call("write", _pwrite, path, off, data)
 
     async def abort(self) -> None:
         if self._tmp is not None:
@@ -138,15 +172,64 @@ def _uncovered(r: Range, staged: Sequence[tuple[int, int]]) -> Iterator[Range]:
         yield Range(pos, r.end - pos)
 
 
-def _pwrite(path: Path, off: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
+def _open_tmp(path: Path) -> int:
+    """Open (creating) a temp version file; the tmp directory comes back if it was removed."""
     try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def _pwrite(path: Path, off: int, data: bytes) -> None:
+    fd = _open_tmp(path)
+    try:
+        _pwrite_fd(fd, off, data)
     finally:
         os.close(fd)
+
+
+def _copy_pending(source: FilePendingSource, path: Path, ranges: Sequence[Range]) -> None:
+    """Copy `ranges` of the source's file to the same offsets of `path` (blocking)."""
+    src_fd = source.open_pending_sync()
+    try:
+        dst_fd = _open_tmp(path)
+        try:
+            for r in ranges:
+                _copy_same_offsets(src_fd, dst_fd, r)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
+#: copy_file_range refusing this pair of files (another filesystem before Linux 5.3 or
+#: since 5.19, or a filesystem without it): copy through user space instead.
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def _copy_same_offsets(src_fd: int, dst_fd: int, r: Range) -> None:
+    """Copy r from src to dst; where src ends early the rest is zeros, as in the spool."""
+    off = r.off
+    while off < r.end:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, r.end - off, off, off)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            n = _copy_chunk(src_fd, dst_fd, off, min(_COPY_CHUNK, r.end - off))
+        if n == 0:
+            # The destination may hold bytes staged earlier and discarded: write the zeros.
+            for pos in range(off, r.end, _COPY_CHUNK):
+                _pwrite_fd(dst_fd, pos, bytes(min(_COPY_CHUNK, r.end - pos)))
+            return
+        off += n
+
+
+def _copy_chunk(src_fd: int, dst_fd: int, off: int, size: int) -> int:
+    data = os.pread(src_fd, size, off)
+    _pwrite_fd(dst_fd, off, data)
+    return len(data)
 
 
 def _unlink_quiet(path: Path) -> None:
@@ -311,7 +394,7 @@ class LocalStore:
         try:
             if copy_from is not None and _etag_of(base_fd) != copy_from.etag:
                 raise PreconditionFailed(f"{copy_from.key} moved on from {copy_from.etag}")
-            fd = os.open(tmp, os.O_RDWR)
+            fd = _open_tmp(tmp)
             try:
                 size = plan[-1][1].end if plan else 0
                 for kind, r in plan:
