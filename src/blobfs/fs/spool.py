@@ -22,6 +22,7 @@ the trio loop. Must not know: FUSE, SDKs, the inode table.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -41,6 +42,9 @@ from blobfs.errors import UsageError
 _limiter = trio.CapacityLimiter(4)
 #: Rewrite a journal once it passes this many bytes (keeps replay fast).
 COMPACT_AT = 1 << 20
+#: Writes at least this large that extend the data file allocate their blocks first.
+PREALLOC_MIN = 64 << 10
+_FALLOC_FL_KEEP_SIZE = 1
 
 
 def source_dir_name(source: str) -> str:
@@ -106,6 +110,9 @@ class SpoolEntry:
     #: worker thread, which must get the old file or the new one, never a closed number.
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
                                      compare=False)
+    #: The data file has blocks allocated up to here (by `_preallocate`); 0 after a switch.
+    _alloc_end: int = field(default=0, repr=False, compare=False)
+    _prealloc: bool = field(default=True, repr=False, compare=False)
 
     @property
     def data_path(self) -> Path:
@@ -137,7 +144,9 @@ class SpoolEntry:
 
     # --- blocking bodies ---------------------------------------------------------------
     def _append_sync(self, record: dict[str, Any]) -> None:
-        line = _line(record)
+        self._append_line(_line(record))
+
+    def _append_line(self, line: bytes) -> None:
         try:
             n = os.write(self.journal_fd, line)
             if n != len(line):
@@ -148,15 +157,35 @@ class SpoolEntry:
         self.journal_size += len(line)
 
     def _write_sync(self, off: int, data: bytes) -> None:
+        end = off + len(data)
+        if end > self._alloc_end and len(data) >= PREALLOC_MIN and self._prealloc:
+            self._preallocate(off, len(data))
         view = memoryview(data)
         pos = off
         while view:
             n = os.pwrite(self.data_fd, view, pos)
             view, pos = view[n:], pos + n
-        self._append_sync({"t": "W", "o": off, "n": len(data)})
+        self._append_line(_write_line(off, len(data)))
+
+    def _preallocate(self, off: int, size: int) -> None:
+        """Allocate the blocks of a write that extends the file, before writing it.
+
+        On ext4 a buffered write into new space reserves blocks page by page (delayed
+        allocation); one fallocate for the range first costs ~10 µs and makes the 1 MiB
+        write ~60 µs cheaper. KEEP_SIZE: the file's size and content stay as they were.
+        Best effort: a failure leaves the write to find out (ENOSPC comes from it).
+        """
+        try:
+            _fallocate_keep_size(self.data_fd, off, size)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                self._prealloc = False  # not supported here (or not usable): stop asking
+            return
+        self._alloc_end = off + size
 
     def _truncate_sync(self, size: int) -> None:
         os.ftruncate(self.data_fd, size)
+        self._alloc_end = min(self._alloc_end, size)
         self._append_sync({"t": "T", "s": size})
 
     def _read_sync(self, off: int, size: int) -> bytes:
@@ -266,6 +295,7 @@ class SpoolEntry:
             os.close(self.data_fd)
             os.close(self.journal_fd)
             self.name, self.data_fd, self.journal_fd = new_name, fd, jfd
+            self._alloc_end = 0
         old_journal.unlink(missing_ok=True)
         old_data.unlink(missing_ok=True)
         self.journal_size = len(data)
@@ -273,6 +303,38 @@ class SpoolEntry:
 
 def _line(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def _write_line(off: int, size: int) -> bytes:
+    """`_line({"t": "W", "o": off, "n": size})`, byte for byte, without the JSON encoder
+    (one per FUSE write)."""
+    return b'{"t":"W","o":%d,"n":%d}\n' % (off, size)
+
+
+_libc_fallocate: Any = None
+
+
+def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
+    """fallocate(2) with FALLOC_FL_KEEP_SIZE, which `os.posix_fallocate` cannot pass.
+
+    Raises:
+        OSError: from the call; EOPNOTSUPP where there is no fallocate(2).
+    """
+    global _libc_fallocate
+    if _libc_fallocate is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).fallocate
+        except (OSError, AttributeError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+        _libc_fallocate = fn
+    if not _libc_fallocate:
+        raise OSError(errno.EOPNOTSUPP, "no fallocate(2)")
+    if _libc_fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, size) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:

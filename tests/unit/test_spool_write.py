@@ -1,0 +1,100 @@
+"""The spool's write path (SPEC §4): what a write leaves on disk before it returns, with
+the writer threads, the hand-made W record and the preallocation of extending writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from blobfs.fs import spool as spool_mod
+from blobfs.fs.spool import PREALLOC_MIN, Spool, SpoolEntry, read_journal
+
+
+@pytest.fixture
+def entry(tmp_path: Path) -> SpoolEntry:
+    sp = Spool(tmp_path, "file:///src")
+    sp.prepare()
+    return sp.new_entry("dir/key", {"etag": "e1", "size": 0, "stream": "s"})
+
+
+@pytest.mark.parametrize(("off", "size"), [(0, 0), (5, 3), (1 << 40, 1 << 20)])
+def test_write_record_is_the_json_one(off: int, size: int) -> None:
+    assert spool_mod._write_line(off, size) == spool_mod._line({"t": "W", "o": off, "n": size})
+
+
+async def test_write_is_on_disk_and_journalled_when_it_returns(entry: SpoolEntry) -> None:
+    big = os.urandom(PREALLOC_MIN * 4)
+    await entry.write(0, big)
+    await entry.write(len(big), b"tail")
+    await entry.write(3, b"xyz")  # inside: no preallocation
+    want = big[:3] + b"xyz" + big[6:] + b"tail"
+    assert entry.data_path.read_bytes() == want
+    # Preallocation keeps the size: nothing past the written end appears.
+    assert entry.data_path.stat().st_size == len(want)
+    assert read_journal(entry.journal_path)[1:] == [
+        {"t": "W", "o": 0, "n": len(big)},
+        {"t": "W", "o": len(big), "n": 4},
+        {"t": "W", "o": 3, "n": 3},
+    ]
+    await entry.truncate(10)
+    await entry.write(20, big)  # extends again past the truncation
+    assert entry.data_path.read_bytes() == want[:10] + bytes(10) + big
+    await entry.remove()
+
+
+async def test_concurrent_writes_all_land(entry: SpoolEntry) -> None:
+    chunk = PREALLOC_MIN
+    async with trio.open_nursery() as nursery:
+        for i in range(12):  # more than there are writer threads: the rest queue
+            nursery.start_soon(entry.write, i * chunk, bytes([i]) * chunk)
+    data = entry.data_path.read_bytes()
+    assert data == b"".join(bytes([i]) * chunk for i in range(12))
+    assert len(read_journal(entry.journal_path)) == 13
+    await entry.remove()
+
+
+async def test_write_errors_reach_the_caller(entry: SpoolEntry) -> None:
+    await entry.close()
+    with pytest.raises(OSError) as exc:
+        await entry.write(0, b"x")
+    assert exc.value.errno == errno.EBADF
+    # The threads survive a failed job.
+    with pytest.raises(OSError):
+        await entry.write(0, b"y")
+
+
+async def test_write_runs_off_the_trio_thread(entry: SpoolEntry,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[threading.Thread] = []
+    real = SpoolEntry._write_sync
+
+    def spy(self: SpoolEntry, off: int, data: bytes) -> None:
+        seen.append(threading.current_thread())
+        real(self, off, data)
+
+    monkeypatch.setattr(SpoolEntry, "_write_sync", spy)
+    await entry.write(0, b"abc")
+    assert seen and seen[0] is not threading.current_thread()
+    await entry.remove()
+
+
+async def test_a_failing_preallocation_leaves_the_write_alone(
+        entry: SpoolEntry, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fail(fd: int, off: int, size: int) -> None:
+        calls.append(off)
+        raise OSError(errno.EOPNOTSUPP, "no")
+
+    monkeypatch.setattr(spool_mod, "_fallocate_keep_size", fail)
+    data = os.urandom(PREALLOC_MIN)
+    await entry.write(0, data)
+    await entry.write(len(data), data)
+    assert calls == [0]  # not supported: asked once per entry
+    assert entry.data_path.read_bytes() == data * 2
+    await entry.remove()
