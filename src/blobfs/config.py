@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blobfs.budget import Budget
 from blobfs.errors import UsageError
 
 MiB = 1 << 20
@@ -109,7 +110,8 @@ OPTIONS: dict[str, Option] = {
         ),
         Option(
             "memory_limit", parse_size, 512 * MiB,
-            "budget for read-ahead and pending write buffers",
+            "memory for file data: cache_size + 12 x block_size for uploads + 2 MiB per "
+            "FUSE request served at once (what is left, 4 to 32 requests)",
         ),
         Option(
             "metrics", str, None,
@@ -218,7 +220,13 @@ class MountConfig:
             raise UsageError("block_size must be at least 64K")
         if cfg.commit_interval <= 0:
             raise UsageError("commit_interval must be greater than 0")
+        cfg.budget.check()
         return cfg
+
+    @property
+    def budget(self) -> Budget:
+        """How memory_limit is shared out (SPEC §5)."""
+        return Budget(self.memory_limit, self.cache_size, self.block_size)
 
     @property
     def store(self) -> StoreConfig:

@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from blobfs import metrics, systemd
+from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
@@ -214,6 +215,8 @@ async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
     Raises:
         UsageError: the store, the mountpoint or the metrics address is unusable.
     """
+    # First, before any thread allocates: freed write buffers must not stay resident.
+    tune_malloc()
     try:
         return await _serve(cfg, notifier or Notifier(None), on_ready)
     except BaseExceptionGroup as group:
@@ -286,12 +289,14 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         if target is not None and target.path is not None:
             nursery.start_soon(metrics.run_textfile, target.path, telemetry.snapshot)
         nursery.start_soon(systemd.run_status, notifier, telemetry.summary)
-        log.info("mounted %s at %s (block_size=%d commit_interval=%gs close=%s%s%s)",
+        log.info("mounted %s at %s (block_size=%d commit_interval=%gs close=%s "
+                 "memory_limit=%d: %d requests at once%s%s)",
                  raw_store.display, cfg.mountpoint, cfg.block_size, cfg.commit_interval,
-                 cfg.close, f" endpoint={cfg.endpoint}" if cfg.endpoint else "",
+                 cfg.close, cfg.memory_limit, cfg.budget.requests,
+                 f" endpoint={cfg.endpoint}" if cfg.endpoint else "",
                  f" metrics={cfg.metrics}" if cfg.metrics else "")
         try:
-            await pyfuse3.main()
+            await serve_requests(cfg)
         finally:
             fs.shutting_down = True
             notifier.stopping(telemetry.summary())
@@ -318,6 +323,15 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         return 1
     log.info("unmounted %s cleanly", cfg.mountpoint)
     return 0
+
+
+async def serve_requests(cfg: MountConfig) -> None:
+    """Run pyfuse3's main loop with as many request tasks as the memory budget allows.
+
+    Each task keeps libfuse's 1 MiB receive buffer, and a write's data is copied before
+    our handler runs, so the task count is what bounds the memory of requests (SPEC §5).
+    """
+    await pyfuse3.main(max_tasks=cfg.budget.requests)
 
 
 async def _invalidate_inode(ino: Ino) -> None:

@@ -421,7 +421,7 @@ def test_replaced_blob_fails_pending_appends_and_saves_them_aside(
 
 # --- 5. bounded memory -----------------------------------------------------------------------
 #: The daemon's baseline (interpreter, SDK, ~30-60 MiB), plus at most 8 commits at once
-#: (core.COMMITS_AT_ONCE) each holding one 4 MiB file about three times over (read from the
+#: (budget.COMMITS_AT_ONCE) each holding one 4 MiB file about three times over (read from the
 #: spool, the SDK's request body, checksums), plus 4 staged 8 MiB blocks and the kernel's
 #: write requests in flight (99 x 128 KiB): about 200 MiB. 400 MiB pending must not show.
 RSS_BOUND_MIB = 250

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from blobfs.budget import COMMITS_AT_ONCE, STAGING_AT_ONCE
 from blobfs.config import MountConfig
 from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError, gone, stale
 from blobfs.fs.cache import CACHE_BLOCK, BlockCache
@@ -38,9 +39,6 @@ READ_AHEAD_RUN = 8
 #: concurrent read-ahead requests arrive slightly out of order.
 SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
 
-#: Commits of different files running at once. Each holds up to a few blocks of pending
-#: bytes in memory while it sends them (SPEC §5: memory is bounded).
-COMMITS_AT_ONCE = 8
 
 XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
           "user.blobfs.last_commit")
@@ -110,7 +108,8 @@ class Filesystem:
         self._handles: dict[Fh, Handle] = {}
         self._next_fh = 1
         self._listings: dict[str, _Listing] = {}
-        self._stage_limiter = trio.CapacityLimiter(4)
+        # Each holds a block in memory while it sends it: counted in memory_limit (budget).
+        self._stage_limiter = trio.CapacityLimiter(STAGING_AT_ONCE)
         self._commit_limiter = trio.CapacityLimiter(COMMITS_AT_ONCE)
         self._started = time.time()
         self.shutting_down = False
