@@ -395,7 +395,7 @@ def write_markdown(out: Path, meta: dict[str, Any], records: Records) -> None:
         md += ["The same workloads on s3fs and rclone (`scripts/bench --quick --peers`): "
                "[`peers/results.md`](peers/results.md).", ""]
     if (out / "analysis.md").exists():
-        md += ["What bounds each missed target, with the evidence and proposed fixes: "
+        md += ["What bounds each missed target, with the evidence, and what was fixed: "
                "[`analysis.md`](analysis.md).", ""]
     md += ["Raw figures: [`results.json`](results.json). Plot: ![results](results.png)", ""]
     (out / "results.md").write_text("\n".join(md))
