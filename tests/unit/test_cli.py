@@ -6,8 +6,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.support.mounting import blobfs_cmd
 
 
@@ -23,14 +21,6 @@ def one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None
     assert "Traceback" not in res.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    store.mkdir()
-    mnt.mkdir()
-    return store, mnt
 
 
 def test_help_lists_every_option_with_default() -> None:

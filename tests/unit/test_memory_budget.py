@@ -23,14 +23,6 @@ from blobfs.fs import core
 from tests.unit.test_cli import one_line_error, run
 
 
-@pytest.fixture
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    store.mkdir()
-    mnt.mkdir()
-    return store, mnt
-
-
 def build(tmp_path: Path, **options: str) -> MountConfig:
     values = parse_options([",".join(f"{k}={v}" for k, v in options.items())])
     return MountConfig.build("memory://x", str(tmp_path), values)
