@@ -68,7 +68,8 @@ async def test_sequential_reads_out_of_order_fetch_whole_runs(store: _CountingSt
         await fs.release(fh)
     assert b"".join(got[o] for o in offsets) == data
     covered = sorted(store.reads)
-    assert sum(size for _, size in covered) == len(data), [(o >> 20, s >> 20) for o, s in store.reads]  # every byte fetched once
+    # Every byte fetched once.
+    assert sum(size for _, size in covered) == len(data), [(o >> 20, n >> 20) for o, n in covered]
     blocks = len(data) // CACHE_BLOCK
     # Runs of READ_AHEAD_RUN blocks once the window has grown; a few short ones at the
     # start while it grows. Fetching one block per GET would be 64 requests.
