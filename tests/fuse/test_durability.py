@@ -11,10 +11,14 @@ import random
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from tests.support import s3_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import blobfs_cmd, mount_env, mounted
+from tests.support.s3_env import MotoServer
+from tests.support.waiting import wait_for
 
 
 class Streamer(threading.Thread):
@@ -131,3 +135,58 @@ def test_spool_disk_full_gives_enospc_and_keeps_data(file_env: StoreEnv,
             assert path.read_bytes() == chunk * (written // len(chunk))
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _write_held_open(path: Path, data: bytes) -> int:
+    """Write `data` through a descriptor that stays open (no flush, so no commit)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def _staged_and_killed(env: StoreEnv, tmp_path: Path, cache: Path, data: bytes,
+                       leftovers: Callable[[], int], *options: str) -> None:
+    """Full blocks staged (server-side state exists), no commit yet, then kill -9."""
+    with mounted(env, tmp_path, "commit_interval=60", *options, name="a", cache_dir=cache,
+                 allow_errors=True) as a:
+        fd = _write_held_open(a.path / "big.bin", data)
+        wait_for(lambda: leftovers() > 0, 30, "staged blocks to reach the store")
+        a.kill9()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_recovery_aborts_the_multipart_upload_of_a_crashed_run(
+    s3env: StoreEnv, moto: MotoServer, tmp_path: Path,
+) -> None:
+    client, bucket = moto.client(), s3_env.bucket_of(s3env)
+
+    def uploads() -> int:
+        return len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+    data = os.urandom(24 << 20)  # three 8 MiB blocks: staged as parts before any commit
+    cache = tmp_path / "cache"
+    _staged_and_killed(s3env, tmp_path, cache, data, uploads)
+    assert uploads() == 1  # what a crash leaves: billed until someone aborts it
+    with mounted(s3env, tmp_path, name="b", cache_dir=cache) as b:
+        assert (b.path / "big.bin").read_bytes() == data
+        assert "cleaned up upload" in b.log()
+    assert uploads() == 0
+
+
+def test_recovery_removes_the_temp_version_of_a_crashed_run(file_env: StoreEnv,
+                                                            tmp_path: Path) -> None:
+    tmp_dir = Path(file_env.url.removeprefix("file://")) / ".blobfs" / "tmp"
+
+    def temp_versions() -> int:
+        return len(list(tmp_dir.iterdir())) if tmp_dir.exists() else 0
+
+    data = os.urandom(3 << 20)
+    cache = tmp_path / "cache"
+    _staged_and_killed(file_env, tmp_path, cache, data, temp_versions, "block_size=1M")
+    assert temp_versions() == 1
+    with mounted(file_env, tmp_path, "block_size=1M", name="b", cache_dir=cache) as b:
+        assert (b.path / "big.bin").read_bytes() == data
+    assert temp_versions() == 0

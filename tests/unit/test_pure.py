@@ -108,3 +108,17 @@ def test_replay_splits_writes_at_the_commit_record() -> None:
     assert [(r.off, r.size) for r in done.epoch.dirty] == [(10, 5)]
     failed = replay([*records, {"t": "F"}])
     assert [(r.off, r.size) for r in failed.epoch.dirty] == [(0, 15)]
+
+
+def test_replay_keeps_only_the_uploads_of_unfinished_commits() -> None:
+    from blobfs.fs.recovery import replay
+
+    head = [{"t": "H", "key": "k", "source": "s", "base": None}, {"t": "W", "o": 0, "n": 9}]
+    done = [{"t": "U", "token": "u1"}, {"t": "P", "id": "c1", "s": 9},
+            {"t": "C", "etag": "e", "size": 9, "stream": "x"}]
+    assert replay([*head, *done]).uploads == []  # completed with its commit
+    failed = [{"t": "U", "token": "u2"}, {"t": "P", "id": "c2", "s": 9}, {"t": "F"}]
+    assert replay([*head, *failed]).uploads == []  # the failed commit aborted it
+    later = [{"t": "W", "o": 9, "n": 9}, {"t": "U", "token": "u3"},
+             {"t": "P", "id": "c3", "s": 18}, {"t": "U", "token": "u4"}]
+    assert replay([*head, *done, *later]).uploads == ["u3", "u4"]  # died with these open

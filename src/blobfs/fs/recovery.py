@@ -41,6 +41,9 @@ class Replayed:
     inflight: Epoch | None = None
     inflight_id: str | None = None
     inflight_size: int = 0
+    #: Server-side leftovers (S3 multipart uploads, local temp versions) of uploads that
+    #: had not finished: those journalled since the last commit's outcome.
+    uploads: list[str] = field(default_factory=list)
 
 
 def replay(records: list[dict[str, Any]]) -> Replayed:
@@ -65,12 +68,17 @@ def replay(records: list[dict[str, Any]]) -> Replayed:
             state.inflight, state.inflight_id = state.epoch, rec["id"]
             state.inflight_size = rec["s"]
             state.epoch = Epoch.fresh(state.size)
+        elif kind == "U":
+            state.uploads.append(rec["token"])
         elif kind == "C":
             state.base = {"etag": rec["etag"], "size": rec["size"], "stream": rec.get("stream")}
             state.inflight = state.inflight_id = None
-        elif kind == "F" and state.inflight is not None:
-            state.epoch = merge(state.inflight, state.epoch, state.size)
+            state.uploads.clear()  # completed, or aborted by the commit that failed over
+        elif kind == "F":
+            if state.inflight is not None:
+                state.epoch = merge(state.inflight, state.epoch, state.size)
             state.inflight = state.inflight_id = None
+            state.uploads.clear()  # the failed commit aborted its upload
     return state
 
 
@@ -128,6 +136,8 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
                        make_writer: Callable[[str, ObjectMeta | None, SpoolEntry], FileWriter],
                        report: RecoveryReport) -> None:
     key = state.key
+    # First, so that a completion still on its way cannot land after the check below.
+    await _drop_orphans(store, key, state.uploads)
     if state.inflight is not None:
         # A commit was in flight when the daemon died: did it land?
         try:
@@ -168,6 +178,21 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
     log.info("recovered %s: committed %d pending bytes from the spool", key, pending)
     report.committed.append(key)
     await writer.discard()
+
+
+async def _drop_orphans(store: ObjectStore, key: str, tokens: list[str]) -> None:
+    """Abort what the dead run's unfinished uploads left on the server (DropsOrphans)."""
+    drop = getattr(store, "drop_orphan", None)
+    if drop is None:
+        return  # this store's leftovers expire on their own
+    for token in tokens:
+        try:
+            await drop(key, token)
+        except StoreError as exc:
+            log.warning("could not clean up upload %s of %s left by a crashed run (%s); "
+                        "a bucket lifecycle rule removes it eventually", token, key, exc)
+        else:
+            log.info("cleaned up upload %s of %s left by a crashed run", token, key)
 
 
 async def _save_copy(store: ObjectStore, writer: FileWriter, state: Replayed) -> str:

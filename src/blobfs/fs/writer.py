@@ -62,6 +62,14 @@ class _SpoolSource:
         # The spool's data file mirrors the new version's offsets (holes read as zeros).
         return self._spool.dup_data_sync()
 
+    async def remember_upload(self, token: str) -> None:
+        """Journal server-side state of an unfinished upload, for recovery to clean up."""
+        try:
+            await self._spool.record(t="U", token=token)
+        except OSError as exc:
+            # Only cleanup after a crash depends on it: the upload itself goes on.
+            log.warning("cannot journal upload %s of %s: %s", token, self._spool.key, exc)
+
 
 class FileWriter:
     """The pending state of one key in this mount."""
@@ -280,21 +288,27 @@ class FileWriter:
         except BaseException as exc:
             self.inflight = None
             self.epoch = merge(ep, self.epoch, self.size)
-            self._settled.set()
-            if isinstance(exc, StoreError | OSError):
-                self.error = commit_failed(f"commit of {self.key} failed: {exc}")
-                await self._record_quietly(t="F")
-                raise self.error from exc
-            raise
+            try:
+                if isinstance(exc, StoreError | OSError):
+                    self.error = commit_failed(f"commit of {self.key} failed: {exc}")
+                    await self._record_quietly(t="F")
+                    raise self.error from exc
+                raise
+            finally:
+                self._settled.set()  # after the F record: see below
         self.inflight = None
         self.base = meta
-        self._settled.set()
         self._must_create = False
         self.committed_seq = seq
         self.error = None
         self.last_commit = time.time()
         self.commits += 1
-        await self._record_quietly(t="C", **(base_record(meta) or {}))
+        try:
+            await self._record_quietly(t="C", **(base_record(meta) or {}))
+        finally:
+            # Only now: recovery takes the uploads journalled before a C or F record as
+            # finished, so the next epoch's first upload must be journalled after it.
+            self._settled.set()
         if self.spool.journal_size > COMPACT_AT:
             await self._compact()
 

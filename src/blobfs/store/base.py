@@ -104,6 +104,33 @@ class BlockUpload(Protocol):
         ...
 
 
+class DropsOrphans(Protocol):
+    """Optional on an `ObjectStore`: clean up what a crashed run's upload left on it.
+
+    An upload that creates something on the server before its commit (an S3 multipart
+    upload, a local temp file) names it with a token and hands the token to its source's
+    optional `remember_upload(token)` (the spool journals it). After a crash, recovery
+    calls `drop_orphan` for the tokens of uploads that never finished, before committing
+    again, so nothing is billed forever and no late completion can land twice. Stores
+    whose leftovers expire on their own (Azure's uncommitted blocks) do not offer it.
+    """
+
+    async def drop_orphan(self, key: str, token: str) -> None:
+        """Abort/remove the leftover named `token` of an upload to `key`; gone is fine.
+
+        Raises:
+            StoreError: it could not be removed (the caller logs it; nothing is lost).
+        """
+        ...
+
+
+async def remember_upload(source: PendingSource, token: str) -> None:
+    """Tell `source` about server-side state an upload just created (see DropsOrphans)."""
+    remember = getattr(source, "remember_upload", None)
+    if remember is not None:
+        await remember(token)
+
+
 class StagesPending(Protocol):
     """Optional on a `BlockUpload`: staging straight from its `PendingSource`.
 

@@ -36,6 +36,7 @@ from blobfs.store.base import (
     Range,
     base_segments,
     lineage_proves_append,
+    remember_upload,
 )
 from blobfs.types import ETag, ListPage, ObjectMeta
 
@@ -94,10 +95,14 @@ class LocalUpload:
         self._tmp: Path | None = None
         self._staged: set[tuple[int, int]] = set()
 
-    def _tmp_path(self) -> Path:
+    async def _tmp_path(self) -> Path:
         # Only a name: the worker thread that first writes it creates the file.
         if self._tmp is None:
-            self._tmp = self._store.root / INTERNAL / "tmp" / secrets.token_hex(8)
+            token = secrets.token_hex(8)
+            self._tmp = self._store.root / INTERNAL / "tmp" / token
+            # A crash would leave the temp version behind: the spool journals its name
+            # so recovery removes it.
+            await remember_upload(self._source, token)
         return self._tmp
 
     def _mark_staged(self, off: int, size: int) -> None:
@@ -105,7 +110,7 @@ class LocalUpload:
         self._staged.add((off, size))
 
     async def stage(self, off: int, data: bytes) -> None:
-        path = self._tmp_path()
+        path = await self._tmp_path()
         await self._store.io.call("write", _pwrite, path, off, data)
         self._mark_staged(off, len(data))
 
@@ -116,7 +121,7 @@ class LocalUpload:
         if not isinstance(source, FilePendingSource):
             await self.stage(off, await source.read_pending(off, size))
             return
-        path = self._tmp_path()
+        path = await self._tmp_path()
         await self._store.io.call("write", _copy_pending, source, path, [Range(off, size)])
         self._mark_staged(off, size)
 
@@ -125,7 +130,7 @@ class LocalUpload:
 
     async def commit(self, size: int, dirty: Sequence[Range],
                      metadata: Mapping[str, str]) -> ObjectMeta:
-        path = self._tmp_path()
+        path = await self._tmp_path()
         base_size = self.base.size if self.base else 0
         plan = base_segments(size, dirty, base_size)
         staged = sorted(self._staged)
@@ -471,6 +476,12 @@ class LocalStore:
         if key.endswith("/"):
             return _DirUpload(self, key, base)
         return LocalUpload(self, key, base, source)
+
+    async def drop_orphan(self, key: str, token: str) -> None:
+        """`DropsOrphans`: remove the temp version `token` a crashed run left behind."""
+        if not token or token != os.path.basename(token) or token in (".", ".."):
+            raise BadRequest(f"not a temp version name: {token!r}")
+        await self.io.call("write", _unlink_quiet, self.root / INTERNAL / "tmp" / token)
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
         return lineage_proves_append(old, new)

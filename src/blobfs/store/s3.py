@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import email.utils
 import functools
 import hashlib
@@ -59,6 +60,7 @@ from blobfs.store.base import (
     Range,
     base_segments,
     lineage_proves_append,
+    remember_upload,
 )
 from blobfs.types import ETag, ListPage, ObjectMeta
 
@@ -537,6 +539,9 @@ class S3Upload:
                 Metadata=metadata,
             )
             self._mpu = _Multipart(resp["UploadId"], dict(metadata))
+            # A crash from here on would leave the upload and its parts billed forever:
+            # the spool journals its id so recovery aborts it.
+            await remember_upload(self._source, resp["UploadId"])
             return self._mpu
 
     async def _drop_mpu(self) -> None:
@@ -1035,6 +1040,13 @@ class S3Store:
         upload is created, before the first part).
         """
         return S3Upload(self, key, base, source, metadata)
+
+    async def drop_orphan(self, key: str, token: str) -> None:
+        """`DropsOrphans`: abort the multipart upload `token` of a crashed run."""
+        # Gone is fine: completed (its commit landed), aborted or expired.
+        with contextlib.suppress(NotFound, _Redo):
+            await self._call("write", "abort_multipart_upload", Key=self._full(key),
+                             UploadId=token, _idempotent=True)
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
         """Lineage only: S3 has no block list to compare (checkpoints)."""
