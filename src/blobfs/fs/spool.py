@@ -6,8 +6,10 @@ entry per file with pending data:
 - `NAME.data`, a sparse file whose offsets mirror the new version (holes read as zeros);
 - `NAME.journal`, JSON lines: a header (key, source, base version), then one record per
   change (W write, T truncate), per commit start (P, with the commit id also sent as blob
-  metadata) and per commit end (C committed, F failed). Replaying it rebuilds the pending
-  state after a crash (`blobfs.fs.recovery`).
+  metadata), per commit end (C committed, F failed) and per server-side upload created
+  before its commit (U: an S3 multipart upload id, a local temp version, for recovery to
+  abort if no C/F follows). Replaying it rebuilds the pending state after a crash
+  (`blobfs.fs.recovery`).
 
 Each write puts the bytes, then the record, in one worker-thread call; `write()` returns
 after both, so a killed daemon leaves every acknowledged byte described. A record that
