@@ -33,6 +33,7 @@ from benchlib.common import (
     percentile,
     proc_status,
     run,
+    stop_process,
     tree_rss,
 )
 from benchlib.stores import Backend
@@ -124,12 +125,7 @@ def profiled(ctx: Ctx, m: Mounted, label: str) -> Iterator[None]:
     try:
         yield
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGINT, timeout=30)  # SIGINT: py-spy writes its output
         if out.exists():  # kept small: the report reads it compressed
             Path(f"{out}.gz").write_bytes(gzip.compress(out.read_bytes()))
             out.unlink()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.envs import StoreEnv, free_port
-from tests.support.waiting import wait_started
+from tests.support.waiting import stop_started, wait_started
 
 ROOT = Path(__file__).resolve().parents[2]
 AZURITE = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
@@ -72,16 +71,6 @@ def _answers(endpoint: str) -> bool:
     return True
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def server(tmp: Path) -> Iterator[Azurite]:
     """Run Azurite on a free 127.0.0.1 port with its data in `tmp`; stop it by PID on exit.
@@ -131,7 +120,7 @@ def server(tmp: Path) -> Iterator[Azurite]:
             else:
                 os.environ[ENV_VAR] = saved
     finally:
-        _stop(proc)
+        stop_started(proc)
 
 
 def container_name(unique: str) -> str:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support.envs import StoreEnv, free_port
 from tests.support.proxy import RequestRecord
-from tests.support.waiting import wait_started
+from tests.support.waiting import stop_started, wait_started
 
 START_TIMEOUT = 30.0
 
@@ -109,16 +109,6 @@ def _answers(port: int) -> bool:
         conn.close()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def server(tmp: Path, *, auth: bool = False) -> Iterator[MotoServer]:
     """Run a moto S3 server on 127.0.0.1 until the block ends.
@@ -147,7 +137,7 @@ def server(tmp: Path, *, auth: bool = False) -> Iterator[MotoServer]:
         wait_started(proc, lambda: _answers(port), "moto", START_TIMEOUT, srv.log)
         yield srv
     finally:
-        _stop(proc)
+        stop_started(proc)
         _restore_env(saved)
 
 

@@ -31,3 +31,14 @@ def wait_started(proc: subprocess.Popen[bytes], ready: Callable[[], object], wha
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not answer within {timeout}s:\n{log()}")
         time.sleep(0.02)
+
+
+def stop_started(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """End a child process we started: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

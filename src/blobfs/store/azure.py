@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -1163,24 +1164,8 @@ class AzureStore:
             await trio.lowlevel.checkpoint()
             return cached
         blob = self._blob(key)
-
-        def fetch() -> _Layout:
-            seen: dict[str, Any] = {}
-
-            def keep(response: Any, deserialized: Any, headers: Mapping[str, Any]) -> Any:
-                seen["blocks"] = [
-                    _Block(b.name, int(b.size)) for b in (deserialized.committed_blocks or [])
-                ]
-                seen["headers"] = headers
-                return deserialized
-
-            blob.get_block_list(
-                "committed", etag=etag, match_condition=MatchConditions.IfNotModified, cls=keep
-            )
-            headers = seen["headers"]
-            size = int(headers.get("x-ms-blob-content-length") or 0)
-            return _Layout(_etag(headers.get("ETag")), size, tuple(seen["blocks"]))
-
+        fetch = functools.partial(_fetch_layout, blob, etag=etag,
+                                  match_condition=MatchConditions.IfNotModified)
         layout = await self._call("meta", key, fetch, idempotent=True)
         self._layouts.put(name, layout)
         if layout.etag != etag:
@@ -1252,27 +1237,29 @@ class AzureStore:
         return ObjectMeta(key, size, etag, mtime.timestamp() if mtime else 0.0, dict(metadata))
 
     async def _current_layout(self, key: str) -> _Layout | None:
-        blob = self._blob(key)
-
-        def fetch() -> tuple[list[_Block], Mapping[str, Any]]:
-            seen: dict[str, Any] = {}
-
-            def keep(response: Any, deserialized: Any, headers: Mapping[str, Any]) -> Any:
-                seen["blocks"] = [
-                    _Block(b.name, int(b.size)) for b in (deserialized.committed_blocks or [])
-                ]
-                seen["headers"] = headers
-                return deserialized
-
-            blob.get_block_list("committed", cls=keep)
-            return seen["blocks"], seen["headers"]
-
         try:
-            blocks, headers = await self._call("meta", key, fetch, idempotent=True)
+            return await self._call("meta", key, _fetch_layout, self._blob(key),
+                                    idempotent=True)
         except NotFound:
             return None
-        size = int(headers.get("x-ms-blob-content-length") or 0)
-        return _Layout(_etag(headers.get("ETag")), size, tuple(blocks))
+
+
+def _fetch_layout(blob: Any, **conditions: Any) -> _Layout:
+    """Get Block List (committed) with the version it describes (blocking)."""
+    seen: dict[str, Any] = {}
+
+    def keep(response: Any, deserialized: Any, headers: Mapping[str, Any]) -> Any:
+        # The block list alone does not say which version it is: keep the headers too.
+        seen["blocks"] = [
+            _Block(b.name, int(b.size)) for b in (deserialized.committed_blocks or [])
+        ]
+        seen["headers"] = headers
+        return deserialized
+
+    blob.get_block_list("committed", cls=keep, **conditions)
+    headers = seen["headers"]
+    size = int(headers.get("x-ms-blob-content-length") or 0)
+    return _Layout(_etag(headers.get("ETag")), size, tuple(seen["blocks"]))
 
 
 def _etag(value: str | None) -> ETag:
