@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from blobfs.errors import errno_for
-from blobfs.fs.core import Attr, DirEntry, Filesystem
+from blobfs.fs.core import Attr, DirStream, Filesystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,7 +110,7 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
-        self._dirs: dict[int, list[DirEntry]] = {}
+        self._dirs: dict[int, DirStream] = {}
         self._next_dir_fh = 1 << 40
 
     @_translate("lookup")
@@ -137,26 +137,25 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate("opendir")
     async def opendir(self, inode: int, ctx: Any) -> Any:
-        entries = await self.fs.readdir(inode)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dirs[fh] = entries
+        self._dirs[fh] = await self.fs.opendir(inode)
         return fh
 
     @_translate("readdir")
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = self._dirs.get(fh, [])
-        for i in range(start_id, len(entries)):
-            entry = entries[i]
+        # Entries are made as the kernel asks for them: each call costs what it returns,
+        # not the size of the directory.
+        stream = self._dirs.get(fh)
+        if stream is None:
+            return
+        for i in range(start_id, len(stream.listing)):
+            entry = self.fs.dir_entry(stream, i)
             if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), _entry(entry.attr),
                                          i + 1):
+                self.fs.dir_entry_unused(entry.attr.ino)
                 break
             self.fs.remember(entry.attr.ino)
-
-    @_translate("releasedir")
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-
     @_translate("mkdir")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         return _entry(await self.fs.mkdir(parent_inode, _name(name)))

@@ -21,7 +21,7 @@ META_MTIME = "blobfs_mtime"
 META_COMMIT = "blobfs_commit"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectMeta:
     """What a store knows about one version of one key."""
 

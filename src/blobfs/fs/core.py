@@ -79,8 +79,35 @@ class Handle:
 
 @dataclass
 class _Listing:
+    """One directory as the store paged it, plus this mount's uncommitted creates.
+
+    Indexed by name, so a lookup costs the same in a directory of any size; never mutated
+    once built (a refresh makes a new one), so an open directory stream can keep reading
+    the one it started with.
+    """
+
     at: float
-    entries: list[tuple[str, bool, ObjectMeta | None]]
+    #: Entry names in readdir order: a readdir offset is an index into it.
+    names: list[str]
+    #: name -> the version the listing showed; None for directories and uncommitted files.
+    metas: dict[str, ObjectMeta | None]
+    dirs: frozenset[str]
+    #: Store requests the paging took, and lookups it answered: once a stale listing has
+    #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
+    #: (and a one-key LIST) per lookup.
+    pages: int
+    hits: int = 0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class DirStream:
+    """What `opendir` hands the adapter: the listing an open directory reads from."""
+
+    inode: Inode
+    listing: _Listing
 
 
 class Filesystem:
@@ -108,6 +135,10 @@ class Filesystem:
         self._handles: dict[Fh, Handle] = {}
         self._next_fh = 1
         self._listings: dict[str, _Listing] = {}
+        #: Directories being paged now: lookups and readdirs of them wait for that paging.
+        self._listing_busy: dict[str, trio.Event] = {}
+        #: Files created here, by parent key, until committed (`_uncommitted_creates`).
+        self._creates: dict[str, dict[Ino, Inode]] = {}
         # Each holds a block in memory while it sends it: counted in memory_limit (budget).
         self._stage_limiter = trio.CapacityLimiter(STAGING_AT_ONCE)
         self._commit_limiter = trio.CapacityLimiter(COMMITS_AT_ONCE)
@@ -173,12 +204,13 @@ class Filesystem:
         local = self.inodes.by_key(key)
         if local is not None and local.writer is not None and local.writer.base is None:
             return local  # created here, not committed yet
-        listing = self._listings.get(parent.key)
-        if listing is not None and trio.current_time() - listing.at < self.cfg.list_ttl:
-            for entry_name, is_dir, meta in listing.entries:
-                if entry_name == name:
-                    inode = self.inodes.ensure(key + "/" if is_dir else key, is_dir, meta)
-                    return inode
+        listing = await self._lookup_listing(parent)
+        if listing is not None:
+            listing.hits += 1
+            if name in listing.dirs:
+                return self.inodes.ensure(key + "/", True)
+            if name in listing.metas:
+                return self.inodes.ensure(key, False, listing.metas[name])
             raise FsError(errno.ENOENT)
         file_meta: ObjectMeta | None = None
         dir_found = False
@@ -222,7 +254,14 @@ class Filesystem:
             inode.lookups += 1
 
     def forget(self, ino: int, n: int) -> None:
+        inode = self.inodes.get(ino)
         self.inodes.forget(ino, n)
+        if inode is not None and self.inodes.get(ino) is None:
+            # The kernel is letting go of the directory's entries: an expired listing of
+            # it need not outlive them (memory follows what is in use).
+            listing = self._listings.get(inode.parent_key)
+            if listing is not None and trio.current_time() - listing.at >= self.cfg.list_ttl:
+                del self._listings[inode.parent_key]
 
     # --- change detection -------------------------------------------------------------
     async def _refresh(self, inode: Inode, *, force: bool = False) -> None:
@@ -297,16 +336,61 @@ class Filesystem:
     def _drop_listing(self, dir_key: str) -> None:
         self._listings.pop(dir_key, None)
 
-    async def _list(self, inode: Inode) -> list[tuple[str, bool, ObjectMeta | None]]:
-        cached = self._listings.get(inode.key)
-        if cached is not None and trio.current_time() - cached.at < self.cfg.list_ttl:
-            return cached.entries
+    async def _lookup_listing(self, parent: Inode) -> _Listing | None:
+        """The listing a lookup in `parent` should answer from, or None to ask the store
+        about the one name. A stale listing that has been paying for itself is paged again
+        (once, however many lookups wait for it): `ls -l` of a big directory then costs a
+        paging per list_ttl instead of a HEAD per entry."""
+        listing = self._listings.get(parent.key)
+        if listing is None:
+            return None
+        if trio.current_time() - listing.at < self.cfg.list_ttl:
+            return listing
+        if listing.hits < listing.pages:
+            return None
+        return await self._list(parent)
+
+    async def _list(self, inode: Inode) -> _Listing:
+        """The directory's listing, paged through the store at most once per list_ttl."""
+        while True:
+            cached = self._listings.get(inode.key)
+            if cached is not None and trio.current_time() - cached.at < self.cfg.list_ttl:
+                return cached
+            busy = self._listing_busy.get(inode.key)
+            if busy is None:
+                break
+            await busy.wait()  # another task is paging it: share its result
+            listing = self._listings.get(inode.key)
+            if listing is not None:
+                return listing
+        busy = self._listing_busy[inode.key] = trio.Event()
+        try:
+            listing = await self._page_listing(inode)
+        finally:
+            del self._listing_busy[inode.key]
+            busy.set()
+        self._listings[inode.key] = listing
+        self._prune_listings()
+        return listing
+
+    def _prune_listings(self) -> None:
+        """Forget expired listings of other directories: memory follows what is in use."""
+        if len(self._listings) <= 64:
+            return
+        now = trio.current_time()
+        for key, listing in list(self._listings.items()):
+            if now - listing.at >= self.cfg.list_ttl:
+                del self._listings[key]
+
+    async def _page_listing(self, inode: Inode) -> _Listing:
         prefix = inode.key
         dirs: dict[str, None] = {}
         files: dict[str, ObjectMeta] = {}
         token = None
+        pages = 0
         while True:
             page = await self.store.list(prefix, token=token)
+            pages += 1
             for p in page.prefixes:
                 name = p[len(prefix):-1]
                 if valid_name(name):
@@ -324,34 +408,68 @@ class Filesystem:
             token = page.token
             if token is None:
                 break
-        entries: list[tuple[str, bool, ObjectMeta | None]] = [(d, True, None) for d in dirs]
+        metas: dict[str, ObjectMeta | None] = dict.fromkeys(dirs)
         for name, meta in files.items():
             if name in dirs:
                 self.inodes.warn_once(meta.key, "a file beside a directory of the same "
                                       "name; the directory wins")
                 continue
-            entries.append((name, False, meta))
+            metas[name] = meta
         # Files created here and not committed yet are part of the directory too.
-        seen = set(files) | set(dirs)
-        for other in self.inodes:
-            if (not other.is_dir and other.writer is not None and other.writer.base is None
-                    and not other.writer.detached and other.parent_key == prefix):
-                name = other.key[len(prefix):]
-                if name not in seen:
-                    entries.append((name, False, None))
-        entries.sort()
-        self._listings[inode.key] = _Listing(trio.current_time(), entries)
-        return entries
+        for other in self._uncommitted_creates(prefix):
+            metas.setdefault(other.key[len(prefix):], None)
+        return _Listing(trio.current_time(), sorted(metas), metas, frozenset(dirs), pages)
 
-    async def readdir(self, ino: int) -> list[DirEntry]:
+    def _note_create(self, inode: Inode) -> None:
+        """Index a file this mount created, by directory, until its first commit."""
+        self._creates.setdefault(inode.parent_key, {})[inode.ino] = inode
+
+    def _uncommitted_creates(self, dir_key: str) -> list[Inode]:
+        """Files created in `dir_key` by this mount and not committed yet; prunes the
+        index of those that were committed, unlinked, renamed or forgotten since."""
+        found = self._creates.get(dir_key)
+        if not found:
+            return []
+        out = []
+        for other in list(found.values()):
+            w = other.writer
+            if (w is not None and w.base is None and not w.detached
+                    and other.parent_key == dir_key and self.inodes.get(other.ino) is other):
+                out.append(other)
+            else:
+                del found[other.ino]
+        if not found:
+            del self._creates[dir_key]
+        return out
+
+    async def opendir(self, ino: int) -> DirStream:
+        """Start reading a directory: its listing, kept whole for this stream."""
         inode = self._inode(ino)
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR)
-        out = []
-        for name, is_dir, meta in await self._list(inode):
-            child = self.inodes.ensure(inode.key + name + ("/" if is_dir else ""), is_dir, meta)
-            out.append(DirEntry(name, self._attr(child)))
-        return out
+        return DirStream(inode, await self._list(inode))
+
+    def dir_entry(self, stream: DirStream, index: int) -> DirEntry:
+        """Entry `index` of an open directory (its inode made on first use, not before)."""
+        listing = stream.listing
+        name = listing.names[index]
+        meta = listing.metas[name]
+        if meta is not None:
+            key = meta.key  # one string for the version and the inode
+        else:
+            key = stream.inode.key + name + ("/" if name in listing.dirs else "")
+        child = self.inodes.ensure(key, meta is None and name in listing.dirs, meta)
+        return DirEntry(name, self._attr(child))
+
+    def dir_entry_unused(self, ino: int) -> None:
+        """The adapter made an entry's inode but the kernel did not take it."""
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            self.inodes.maybe_drop(inode)
+
+    async def readdir(self, ino: int) -> list[DirEntry]:
+        stream = await self.opendir(ino)
+        return [self.dir_entry(stream, i) for i in range(len(stream.listing))]
 
     async def mkdir(self, parent_ino: int, name: str) -> Attr:
         self._writable()
@@ -430,6 +548,7 @@ class Filesystem:
         """Take over a writer recovery could not finish, so the timer keeps retrying it."""
         inode = self.inodes.ensure(writer.key, False, writer.base)
         inode.writer = writer
+        self._note_create(inode)
         self._arm_timer(inode)
 
     async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
@@ -456,6 +575,7 @@ class Filesystem:
         inode.lookups += 1
         inode.checked_at = trio.current_time()
         self._drop_listing(parent.key)
+        self._note_create(inode)
         h = self._new_handle(inode, flags)
         self._arm_timer(inode)
         return h.fh, self._attr(inode)
@@ -476,39 +596,13 @@ class Filesystem:
             await w.truncate(0)
             inode.mtime = time.time()
             self._arm_timer(inode)
+        # No timer polls the open file: it is revalidated when used (docs/design/read-path.md
+        # "Change detection"), so an idle open file costs no requests.
         h = self._new_handle(inode, flags)
-        self._watch(inode)
         etag = inode.meta.etag if inode.meta else None
         keep = etag is not None and inode.kernel_etag == etag and inode.writer is None
         inode.kernel_etag = etag
         return h.fh, keep
-
-    def _watch(self, inode: Inode) -> None:
-        if not inode.watched:
-            inode.watched = True
-            self._spawn(self._watch_open_file, inode)
-
-    async def _watch_open_file(self, inode: Inode) -> None:
-        """Revalidate an open file every metadata_ttl (SPEC §3).
-
-        Reads the kernel serves from its page cache never reach us, so without this a
-        replaced or deleted blob would go unnoticed for as long as its pages stay cached.
-        """
-        try:
-            while inode.open_count > 0:
-                # Half the TTL, so a change is seen within metadata_ttl plus one request.
-                await trio.sleep(max(self.cfg.metadata_ttl / 2, 0.05))
-                if inode.open_count > 0 and inode.key == self.inodes_key(inode):
-                    try:
-                        await self._refresh(inode, force=True)
-                    except StoreError as exc:
-                        log.debug("revalidating %s failed: %s", inode.key, exc)
-        finally:
-            inode.watched = False
-
-    def inodes_key(self, inode: Inode) -> str:
-        found = self.inodes.by_key(inode.key)
-        return inode.key if found is inode else ""
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(Fh(fh), None)
@@ -905,4 +999,4 @@ async def _guarded(fn: Callable[..., Awaitable[object]], *args: object) -> None:
         log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
 
 
-__all__ = ["Attr", "DirEntry", "Filesystem", "ROOT_INO"]
+__all__ = ["Attr", "DirEntry", "DirStream", "Filesystem", "ROOT_INO"]

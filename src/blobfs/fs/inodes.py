@@ -7,7 +7,7 @@ key is ''. Runs on the trio thread only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blobfs.errors import FsError
 from blobfs.fs.writer import FileWriter
@@ -19,7 +19,7 @@ ROOT_INO = Ino(1)
 NAME_MAX = 255
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     ino: Ino
     key: str
@@ -31,16 +31,21 @@ class Inode:
     open_count: int = 0
     #: Bumped when the blob is replaced or deleted remotely; old handles then fail.
     gen: int = 0
-    #: errno each generation ended with (ESTALE for replaced, ENOENT for deleted).
-    gen_end: dict[int, FsError] = field(default_factory=dict)
+    #: Made on first use (`gen_end`): most inodes never see a generation end.
+    _gen_end: dict[int, FsError] | None = None
     writer: FileWriter | None = None
     #: The ETag whose pages the kernel may still cache for this inode.
     kernel_etag: ETag | None = None
     mtime: float = 0.0
-    #: A task revalidates this open file every metadata_ttl.
-    watched: bool = False
     #: The blob is gone remotely; `meta` still describes what open handles had.
     deleted: bool = False
+
+    @property
+    def gen_end(self) -> dict[int, FsError]:
+        """errno each generation ended with (ESTALE for replaced, ENOENT for deleted)."""
+        if self._gen_end is None:
+            self._gen_end = {}
+        return self._gen_end
 
     @property
     def size(self) -> int:
@@ -70,6 +75,8 @@ class InodeTable:
         self._by_ino: dict[Ino, Inode] = {ROOT_INO: Inode(ROOT_INO, "", True, lookups=1)}
         self._by_key: dict[str, Ino] = {"": ROOT_INO}
         self._next = 2
+        #: Most entries the tables held since they were last copied (`_shrink`).
+        self._peak = 1
         self._warned: set[str] = set()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
@@ -93,6 +100,7 @@ class InodeTable:
         self._next += 1
         self._by_ino[inode.ino] = inode
         self._by_key[key] = inode.ino
+        self._peak = max(self._peak, len(self._by_ino))
         return inode
 
     def forget(self, ino: int, n: int) -> None:
@@ -111,6 +119,18 @@ class InodeTable:
         self._by_ino.pop(inode.ino, None)
         if self._by_key.get(inode.key) == inode.ino:
             del self._by_key[inode.key]
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Copy the tables once most of their entries are gone: a dict never gives back
+        the room it grew to, so a big directory forgotten would keep costing memory."""
+        size = len(self._by_ino)
+        if size > self._peak:
+            self._peak = size
+        elif self._peak > 4096 and size < self._peak // 4:
+            self._by_ino = dict(self._by_ino)
+            self._by_key = dict(self._by_key)
+            self._peak = size
 
     def unlink_key(self, key: str) -> None:
         """Detach `key` from its inode (the inode lives on while referenced)."""

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 INTERNAL = ".blobfs"
 _XATTR_TOKEN = "user.blobfs.token"
 _XATTR_META = "user.blobfs.meta"
+#: Set while an append is written in place: the size to go back to if it never finishes.
+_XATTR_APPENDING = "user.blobfs.appending"
 _COPY_CHUNK = 8 << 20
 
 
@@ -67,6 +70,14 @@ def _etag_of(fd: int) -> ETag:
     except OSError:
         token = "x"
     return ETag(f"{token}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}")
+
+
+def _appending(fd: int) -> bool:
+    try:
+        os.getxattr(fd, _XATTR_APPENDING)
+    except OSError:
+        return False
+    return True
 
 
 def _meta_of(key: str, fd: int) -> ObjectMeta:
@@ -137,9 +148,12 @@ class LocalUpload:
         # Bytes already staged in place need not be written again.
         gaps = [gap for kind, r in plan if kind == "dirty" for gap in _uncovered(r, staged)]
         await self._fill(path, gaps)
+        # A commit that only adds bytes is appended to the live file (O(new bytes)); any
+        # other is written aside and renamed over it (O(size)).
+        commit = (self._store.append_sync if _only_appends(self.base, plan)
+                  else self._store.commit_sync)
         meta = await self._store.io.call(
-            "write", self._store.commit_sync, self.key, self.base, path, plan, staged,
-            dict(metadata),
+            "write", commit, self.key, self.base, path, plan, staged, dict(metadata),
         )
         self._tmp = None
         self._staged.clear()
@@ -163,6 +177,14 @@ class LocalUpload:
         if self._tmp is not None:
             tmp, self._tmp = self._tmp, None
             await self._store.io.call("write", _unlink_quiet, tmp)
+
+
+def _only_appends(base: ObjectMeta | None, plan: Sequence[tuple[str, Range]]) -> bool:
+    """Whether a commit keeps every byte of a non-empty base and only adds after it."""
+    if base is None or base.size == 0:
+        return False
+    return all(kind == "base" if r.off < base.size else kind != "base" for kind, r in plan) \
+        and bool(plan) and plan[-1][1].end > base.size
 
 
 def _uncovered(r: Range, staged: Sequence[tuple[int, int]]) -> Iterator[Range]:
@@ -248,6 +270,10 @@ class LocalStore:
         self.display = f"file://{root}"
         self.io = Blocking(classify, retry_timeout=cfg.retry_timeout,
                            limits={"meta": 4, "read": 8, "write": 4})
+        #: (prefix, delimiter, token) -> the rest of a listing being paged (`_list_page`).
+        self._rest_of_listing: dict[tuple[str, str, str | None],
+                                    tuple[list[tuple[str, bool]], int]] = {}
+        self._rest_lock = threading.Lock()
 
     # --- paths and locking ---------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -257,11 +283,11 @@ class LocalStore:
         return self.root.joinpath(*parts)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, *, shared: bool = False) -> Iterator[None]:
         lock = self.root / INTERNAL / "lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
@@ -286,11 +312,16 @@ class LocalStore:
                 raise NotFound(key)
             st = path.stat()
             return ObjectMeta(key, 0, ETag(f"d-{st.st_ino:x}"), st.st_mtime, {})
-        fd = _open_file(path)
-        try:
-            return _meta_of(key, fd)
-        finally:
-            os.close(fd)
+        with self._locked(shared=True):  # never half an in-place append (`append_sync`)
+            fd = _open_file(path)
+            try:
+                if not _appending(fd):
+                    return _meta_of(key, fd)
+            finally:
+                os.close(fd)
+        with self._locked():
+            self._undo_append(path)
+        return self._head_sync(key)
 
     def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
         fd = _open_file(self._path(key))
@@ -303,6 +334,10 @@ class LocalStore:
 
     def _list_sync(self, prefix: str, delimiter: str, token: str | None,
                    limit: int) -> ListPage:
+        with self._rest_lock:
+            rest = self._rest_of_listing.pop((prefix, delimiter, token), None)
+        if rest is not None:
+            return self._list_page(prefix, delimiter, *rest, limit)
         names: list[tuple[str, bool]] = []
         if delimiter == "/" and (prefix == "" or prefix.endswith("/")):
             directory = self._path(prefix) if prefix else self.root
@@ -336,7 +371,19 @@ class LocalStore:
         names.sort()
         if token is not None:
             names = [(n, d) for n, d in names if n > token]
-        page, more = names[:limit], len(names) > limit
+        return self._list_page(prefix, delimiter, names, 0, limit)
+
+    def _list_page(self, prefix: str, delimiter: str, names: list[tuple[str, bool]],
+                   start: int, limit: int) -> ListPage:
+        """The page of `names` from `start`. The rest is kept for the next page's token: a
+        paged listing then reads the directory once, not once per page (O(n), not n²)."""
+        page, more = names[start : start + limit], len(names) > start + limit
+        if more:
+            with self._rest_lock:  # worker threads page listings concurrently
+                if len(self._rest_of_listing) >= 64:
+                    self._rest_of_listing.pop(next(iter(self._rest_of_listing)), None)
+                self._rest_of_listing[(prefix, delimiter, page[-1][0])] = (names,
+                                                                          start + limit)
         objects = []
         for name, is_dir in page:
             if is_dir:
@@ -432,6 +479,76 @@ class LocalStore:
         finally:
             os.close(dir_fd)
         return meta
+
+    def append_sync(
+        self,
+        key: str,
+        base: ObjectMeta | None,
+        tmp: Path,
+        plan: list[tuple[str, Range]],
+        staged: list[tuple[int, int]],
+        metadata: dict[str, str],
+    ) -> ObjectMeta:
+        """Append the new bytes of `plan` (in `tmp`, at their offsets) to the live file.
+
+        Readers pinned to the shorter version never read past its size, so its bytes
+        need no copy. The whole append runs under the store lock and `_head_sync` takes it
+        shared, so no HEAD sees half a commit; an xattr names the old size until the new
+        version is complete, so an append a crash cut short is undone (`_undo_append`).
+        """
+        assert base is not None
+        path = self._path(key)
+        try:
+            meta = self._append_locked(key, path, base, tmp, plan, metadata)
+        finally:
+            _unlink_quiet(tmp)
+        return meta
+
+    def _append_locked(self, key: str, path: Path, base: ObjectMeta, tmp: Path,
+                       plan: list[tuple[str, Range]], metadata: dict[str, str]) -> ObjectMeta:
+        with self._locked():
+            self._undo_append(path)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                if _etag_of(fd) != base.etag:
+                    raise PreconditionFailed(f"{key} moved on from {base.etag}")
+                os.setxattr(fd, _XATTR_APPENDING, str(base.size).encode())
+                tmp_fd = _open_tmp(tmp)
+                try:
+                    for kind, r in plan:
+                        if kind == "dirty":
+                            _copy_same_offsets(tmp_fd, fd, r)
+                finally:
+                    os.close(tmp_fd)
+                os.ftruncate(fd, plan[-1][1].end)  # "zero" holes at the end
+                os.fsync(fd)
+                os.setxattr(fd, _XATTR_TOKEN, secrets.token_hex(6).encode())
+                os.setxattr(fd, _XATTR_META, json.dumps(metadata).encode())
+                os.removexattr(fd, _XATTR_APPENDING)
+                os.fsync(fd)
+                return _meta_of(key, fd)
+            finally:
+                os.close(fd)
+
+    def _undo_append(self, path: Path) -> bool:
+        """Cut back an in-place append a crash interrupted (call with the lock held)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            try:
+                old_size = int(os.getxattr(fd, _XATTR_APPENDING))
+            except OSError:
+                return False
+            os.ftruncate(fd, old_size)
+            os.removexattr(fd, _XATTR_APPENDING)
+            os.fsync(fd)
+            log.warning("%s: undid an append a crash interrupted (back to %d bytes)", path,
+                        old_size)
+            return True
+        finally:
+            os.close(fd)
 
     def _current_etag(self, path: Path) -> ETag | None:
         try:
