@@ -24,12 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchlib import report, workloads
+from benchlib import report, scale, workloads
 from benchlib.common import ROOT, BenchError, MiB, is_mounted, lazy_unmount, log
 from benchlib.stores import Backend
 from benchlib.targets import Rclone, Target, by_name, strip_version_null
 
-WORKLOADS = ("write", "read", "append", "tail", "ready", "rss")
+DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss")
+#: The scale rows (issue 15) run only when asked for: --only list,idle,commits,fuse-ceiling.
+WORKLOADS = (*DEFAULT_WORKLOADS, *scale.SCALE_WORKLOADS)
 PEERS = ("s3fs", "rclone", "rclone-writes")
 
 
@@ -43,8 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peers", action="store_true",
                    help="also run s3fs and rclone (off and writes VFS cache modes)")
     p.add_argument("--stores", default="file,s3,az", help="comma-separated: file,s3,az")
-    p.add_argument("--only", default=",".join(WORKLOADS),
-                   help=f"comma-separated workloads: {','.join(WORKLOADS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"comma-separated workloads: {','.join(WORKLOADS)} (default: "
+                   f"{','.join(DEFAULT_WORKLOADS)})")
     p.add_argument("--systems", default=None,
                    help="comma-separated filesystems (default: blobfs, plus the peers); "
                    "blobfs[OPT=V+OPT=V] is blobfs with those mount options")
@@ -220,6 +223,17 @@ RUNNERS: dict[str, Callable[[workloads.Ctx, Target, Backend], dict[str, Any]]] =
 }
 
 
+def scale_runners(quick: bool) -> None:
+    """Add issue 15's scale workloads (scripts/benchlib/scale.py) at the run's sizes."""
+    ss = scale.QUICK if quick else scale.ScaleSizes()
+    RUNNERS.update({
+        "list": functools.partial(scale.listing, ss),
+        "idle": functools.partial(scale.idle, ss),
+        "commits": functools.partial(scale.commits, ss),
+        "fuse-ceiling": functools.partial(scale.fuse_ceiling, ss),
+    })
+
+
 def run_store(run: Run, ctx: workloads.Ctx, backend: Backend, targets: list[Target],
               only: list[str]) -> None:
     kind = backend.kind
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         ["blobfs", *(PEERS if args.peers else ())]
     targets = [by_name(s) for s in systems]
     sizes = sizes_for(args.quick)
+    scale_runners(args.quick)
     _wait_quiet(args.wait_quiet)
     # An upper bound that stops the run by itself; a default run takes well under it.
     budget = args.budget or (600.0 if args.quick else 1500.0) * len(targets)

@@ -374,6 +374,9 @@ def write_markdown(out: Path, meta: dict[str, Any], records: Records) -> None:
     if any(r["system"] == "blobfs" for r in records):
         md += ["## Targets (blobfs)", "", "Read off the table above, never timed tests.", "",
                *targets_table(t, records), ""]
+    from benchlib.scale import section as scale_section
+
+    md += scale_section(records)
     caps = caps_section(t, records)
     if caps:
         md += ["## What caps the figures", "", *caps, ""]
