@@ -34,9 +34,9 @@ from benchlib.common import (
 from benchlib.stores import AzBackend, Backend, FileBackend, S3Backend
 from benchlib.targets import Target
 
-#: List prices (USD, us-east-1 S3 Standard / Azure hot LRS, per 10,000 requests): S3
-#: GET/HEAD 0.004 and PUT/POST/LIST/COPY 0.05; Azure read 0.004 (rounded), write and list 0.05.
-PRICE_PER_10K = {"read": 0.004, "write": 0.05}
+#: List prices in USD per 10,000 requests (README "What it costs"): S3 Standard us-east-1
+#: GET/HEAD 0.004, PUT/POST/LIST/COPY 0.05; Azure hot LRS read 0.005, write and list 0.065.
+PRICE_PER_10K = {"s3": {"read": 0.004, "write": 0.05}, "az": {"read": 0.005, "write": 0.065}}
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,8 @@ def idle(ss: ScaleSizes, ctx: Any, target: Target, backend: Backend) -> dict[str
                 for f in files:
                     f.close()
         secs = ss.idle_seconds
-        usd = sum(classes[c] * PRICE_PER_10K[c] for c in classes) / 10_000
+        prices = PRICE_PER_10K[backend.kind]
+        usd = sum(classes[c] * prices[c] for c in classes) / 10_000
         out[str(n)] = {"requests_per_s": round(stats["requests"] / secs, 2),
                        "by_method": stats["by_method"],
                        "usd_per_day": round(usd / secs * 86400, 4)}
