@@ -295,6 +295,10 @@ class Filesystem:
             # Keep the old size: the kernel must still send reads at old offsets to us, so
             # open handles see ENOENT instead of a silent end of file.
             inode.deleted = True
+            # A new mtime makes the kernel drop its cached pages as it takes the attributes
+            # (auto_inval_data), before it serves the read that asked: that read and every
+            # later one reach us and fail (docs/design/read-path.md "Change detection").
+            inode.mtime = time.time()
             self.stats["deleted"] += 1
             log.warning("%s was deleted remotely; open handles now fail with ENOENT",
                         inode.key)
@@ -322,6 +326,7 @@ class Filesystem:
         inode.gen_end[inode.gen] = stale(f"{inode.key} was replaced remotely")
         inode.gen += 1
         inode.meta = new
+        inode.mtime = time.time()  # the kernel drops its pages (as for a delete, above)
         inode.kernel_etag = None
         self.stats["replaced"] += 1
         log.warning("%s was replaced remotely; open handles now fail with ESTALE", inode.key)
