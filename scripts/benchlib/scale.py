@@ -44,7 +44,7 @@ class ScaleSizes:
     #: Directory sizes listed; the network stores stop lower (seeding 100,000 objects
     #: through moto or Azurite takes longer than the bench budget).
     list_counts: tuple[int, ...] = (1000, 10000, 100000)
-    list_counts_net: tuple[int, ...] = (1000, 10000)
+    list_counts_net: tuple[int, ...] = (1000, 5000)
     idle_counts: tuple[int, ...] = (55, 1000)
     idle_seconds: float = 10.0
     #: Blob sizes for the cost of a commit (moto copies the object in Python per commit).

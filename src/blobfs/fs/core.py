@@ -96,6 +96,8 @@ class _Listing:
     #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
     #: (and a one-key LIST) per lookup.
     pages: int
+    #: Seconds the paging took (`Filesystem._fresh`).
+    took: float = 0.0
     hits: int = 0
 
     def __len__(self) -> int:
@@ -260,7 +262,7 @@ class Filesystem:
             # The kernel is letting go of the directory's entries: an expired listing of
             # it need not outlive them (memory follows what is in use).
             listing = self._listings.get(inode.parent_key)
-            if listing is not None and trio.current_time() - listing.at >= self.cfg.list_ttl:
+            if listing is not None and not self._fresh(listing):
                 del self._listings[inode.parent_key]
 
     # --- change detection -------------------------------------------------------------
@@ -349,7 +351,7 @@ class Filesystem:
         listing = self._listings.get(parent.key)
         if listing is None:
             return None
-        if trio.current_time() - listing.at < self.cfg.list_ttl:
+        if self._fresh(listing):
             return listing
         if listing.hits < listing.pages:
             return None
@@ -359,7 +361,7 @@ class Filesystem:
         """The directory's listing, paged through the store at most once per list_ttl."""
         while True:
             cached = self._listings.get(inode.key)
-            if cached is not None and trio.current_time() - cached.at < self.cfg.list_ttl:
+            if cached is not None and self._fresh(cached):
                 return cached
             busy = self._listing_busy.get(inode.key)
             if busy is None:
@@ -378,17 +380,24 @@ class Filesystem:
         self._prune_listings()
         return listing
 
+    def _fresh(self, listing: _Listing) -> bool:
+        """Whether a listing may still answer: for list_ttl, or for 4 times as long as
+        paging it took when that is longer. A directory too big to page within list_ttl
+        would otherwise be paged without pause, and the lookups waiting on each paging
+        would crawl (`ls -l` of 100,000 entries on a loaded machine)."""
+        return trio.current_time() - listing.at < max(self.cfg.list_ttl, 4 * listing.took)
+
     def _prune_listings(self) -> None:
         """Forget expired listings of other directories: memory follows what is in use."""
         if len(self._listings) <= 64:
             return
-        now = trio.current_time()
         for key, listing in list(self._listings.items()):
-            if now - listing.at >= self.cfg.list_ttl:
+            if not self._fresh(listing):
                 del self._listings[key]
 
     async def _page_listing(self, inode: Inode) -> _Listing:
         prefix = inode.key
+        started = trio.current_time()
         dirs: dict[str, None] = {}
         files: dict[str, ObjectMeta] = {}
         token = None
@@ -423,7 +432,8 @@ class Filesystem:
         # Files created here and not committed yet are part of the directory too.
         for other in self._uncommitted_creates(prefix):
             metas.setdefault(other.key[len(prefix):], None)
-        return _Listing(trio.current_time(), sorted(metas), metas, frozenset(dirs), pages)
+        now = trio.current_time()
+        return _Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
 
     def _note_create(self, inode: Inode) -> None:
         """Index a file this mount created, by directory, until its first commit."""
