@@ -257,7 +257,11 @@ def commits(ss: ScaleSizes, ctx: Any, target: Target, backend: Backend) -> dict[
                                    "ms_p90": round(percentile(lat, 90) * 1e3, 1)}
             if proxy is not None:
                 stats = proxy.stats()
+                # Requests include the open's lookup and revalidation (the line before
+                # was written more than metadata_ttl ago); write requests are the commit.
                 row.update(requests_per_commit=round(stats["requests"] / n, 2),
+                           write_requests_per_commit=round(stats["write_requests"] / n, 2),
+                           by_method=stats["by_method"],
                            bytes_up_per_commit=round(stats["bytes_up"] / n))
         backend.delete(name)
         out[f"{size_mib}MiB"] = row
