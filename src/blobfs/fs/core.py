@@ -385,7 +385,10 @@ class Filesystem:
         paging it took when that is longer. A directory too big to page within list_ttl
         would otherwise be paged without pause, and the lookups waiting on each paging
         would crawl (`ls -l` of 100,000 entries on a loaded machine)."""
-        return trio.current_time() - listing.at < max(self.cfg.list_ttl, 4 * listing.took)
+        ttl = self.cfg.list_ttl
+        if ttl > 0:  # list_ttl=0 caches nothing, however long paging took
+            ttl = max(ttl, 4 * listing.took)
+        return trio.current_time() - listing.at < ttl
 
     def _prune_listings(self) -> None:
         """Forget expired listings of other directories: memory follows what is in use."""
