@@ -33,6 +33,11 @@ class Inode:
     gen: int = 0
     #: errno each generation ended with (ESTALE for replaced, ENOENT for deleted).
     gen_end: dict[int, FsError] = field(default_factory=dict)
+    #: The size of the version each ended generation last read: reads at or past it are
+    #: EOF, not an error (a `tail` at the end must survive a rotation).
+    gen_size: dict[int, int] = field(default_factory=dict)
+    #: Replaced or deleted remotely: no longer named by its key, frozen at `meta`.
+    retired: bool = False
     writer: FileWriter | None = None
     #: The ETag whose pages the kernel may still cache for this inode.
     kernel_etag: ETag | None = None
@@ -112,9 +117,11 @@ class InodeTable:
         if self._by_key.get(inode.key) == inode.ino:
             del self._by_key[inode.key]
 
-    def unlink_key(self, key: str) -> None:
-        """Detach `key` from its inode (the inode lives on while referenced)."""
-        self._by_key.pop(key, None)
+    def unlink_key(self, key: str, inode: Inode | None = None) -> None:
+        """Detach `key` from its inode (the inode lives on while referenced); with
+        `inode`, only if the key still names that one."""
+        if inode is None or self._by_key.get(key) == inode.ino:
+            self._by_key.pop(key, None)
 
     def rekey(self, inode: Inode, key: str) -> None:
         if self._by_key.get(inode.key) == inode.ino:
