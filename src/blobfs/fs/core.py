@@ -94,12 +94,14 @@ class Filesystem:
         spool: Spool,
         spawn: Callable[..., None],
         invalidate: Callable[[Ino], None] = lambda ino: None,
+        invalidate_entry: Callable[[Ino, str], None] = lambda parent_ino, name: None,
     ) -> None:
         self.store = store
         self.cfg = cfg
         self.spool = spool
         self._spawn = spawn
         self._invalidate = invalidate
+        self._invalidate_entry = invalidate_entry
         self.inodes = InodeTable()
         self.cache = BlockCache(cfg.cache_size)
         #: Blocks of runs decided on but whose fetch task has not claimed them in the
@@ -118,13 +120,16 @@ class Filesystem:
 
     @classmethod
     def create(cls, store: ObjectStore, cfg: MountConfig, *, spool: Spool,
-               nursery: trio.Nursery, invalidate: Callable[[Ino], None]) -> Filesystem:
+               nursery: trio.Nursery, invalidate: Callable[[Ino], None],
+               invalidate_entry: Callable[[Ino, str], None] = lambda parent_ino, name: None,
+               ) -> Filesystem:
         """Build a Filesystem whose background work (staging, timers) runs in `nursery`."""
 
         def spawn(fn: Callable[..., Awaitable[object]], *args: object) -> None:
             nursery.start_soon(_guarded, fn, *args)
 
-        return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate)
+        return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate,
+                   invalidate_entry=invalidate_entry)
 
     # --- attributes -----------------------------------------------------------------
     def _attr(self, inode: Inode) -> Attr:
@@ -317,6 +322,9 @@ class Filesystem:
         version: the next lookup makes a new inode, so `tail -F` sees "replaced"."""
         inode.retired = True
         self.inodes.unlink_key(inode.key, inode)
+        parent = self.inodes.by_key(inode.parent_key)
+        if parent is not None:
+            self._invalidate_entry(parent.ino, inode.key[len(inode.parent_key):])
 
     def _check(self, h: Handle, off: int = 0) -> bool:
         """Whether a read at `off` through `h` is at or past the end of its ended version
