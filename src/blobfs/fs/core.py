@@ -661,6 +661,11 @@ class Filesystem:
             except (PreconditionFailed, NotFound):
                 if w.base is not base:
                     continue  # a commit or rebase moved the base on: plan again
+                if w.inflight is not None:
+                    # Our commit landed in the store but has not told us its version
+                    # yet: the base we planned on is gone. Plan again once it has.
+                    await w.wait_settled()
+                    continue
                 await self._refresh(inode, force=True)
                 self._check(h, off)
                 meta = inode.meta

@@ -144,6 +144,10 @@ class FileWriter:
             dirty = dirty.union(self.inflight.dirty)
         return dirty.total
 
+    async def wait_settled(self) -> None:
+        """Wait until no commit is in flight (it landed or failed)."""
+        await self._settled.wait()
+
     def _set_base(self, meta: ObjectMeta) -> None:
         self.base = meta
         if self.on_base is not None:
