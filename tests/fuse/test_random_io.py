@@ -89,8 +89,10 @@ MAX_SIZE = 768 << 10
 #: How often (in operations) the second mount must catch up with the model.
 CHECK_EVERY = {"file": 2_000, "s3": 500, "az": 500}
 
-OPS = [("pwrite", 30), ("read", 20), ("direct_read", 15), ("append", 10), ("truncate", 5),
-       ("fsync", 1), ("reopen", 1), ("small_pwrite", 18)]
+#: Weights: small writes and reads dominate, as they are the cheap operations (each costs
+#: a FUSE round trip); truncate, fsync and close-reopen commit or reshape the file.
+OPS = [("pwrite", 15), ("read", 20), ("direct_read", 15), ("append", 12), ("truncate", 4),
+       ("fsync", 1), ("reopen", 1), ("small_pwrite", 32)]
 
 
 class Driver:
@@ -118,7 +120,7 @@ class Driver:
     def step(self, op: str) -> None:
         rng, size = self.rng, self.size()
         if op in ("pwrite", "small_pwrite"):
-            n = rng.randint(1, 64 << 10) if op == "pwrite" else rng.randint(1, 300)
+            n = rng.randint(1, 64 << 10) if op == "pwrite" else rng.randint(1, 4096)
             off = rng.randint(0, max(0, min(size + 4096, MAX_SIZE - n)))
             data = rng.randbytes(n)
             self.history.append(f"pwrite {off}+{n}")
@@ -145,7 +147,7 @@ class Driver:
             self.f_rw = os.open(self.mnt, os.O_RDWR)
         else:
             off = rng.randint(0, size)
-            n = rng.randint(1, 128 << 10) if rng.random() < 0.7 else size + 10
+            n = rng.randint(1, 64 << 10) if rng.random() < 0.8 else size + 10
             want = os.pread(self.m_rw, n, off)
             if op == "read":
                 got = os.pread(self.f_rw, n, off)

@@ -16,7 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import trio
 
 from blobfs.store.base import put_bytes
@@ -96,13 +95,13 @@ def test_tail_F_follows_every_rotation(store_env: StoreEnv, tmp_path: Path) -> N
                     src.write_text("cp 0\n")
                     subprocess.run(["cp", str(src), str(log)], check=True)
 
-                time.sleep(1.2)  # tail has settled on the file
+                time.sleep(0.6)  # tail has settled on the file
                 event("rename", rename_rotation, [f"renamed {i}" for i in range(5)])
-                time.sleep(1.2)
+                time.sleep(0.6)
                 event("copytruncate", copytruncate, [f"copytrunc {i}" for i in range(5)])
-                time.sleep(1.2)
+                time.sleep(0.6)
                 event("cp", cp_over, ["cp 0"] + [f"cp after {i}" for i in range(5)])
-                time.sleep(1.2)
+                time.sleep(0.6)
                 sdk_lines = [f"sdk {i}" for i in range(5)]
                 event("sdk", lambda: sdk_overwrite(store_env, "app.log",
                                                    "".join(x + "\n" for x in sdk_lines)
@@ -111,7 +110,7 @@ def test_tail_F_follows_every_rotation(store_env: StoreEnv, tmp_path: Path) -> N
                 # tail -f by descriptor on a file renamed on A: alive and quiet.
                 os.rename(other, a.path / "other.log.1")
                 append_lines(other, ["new other 0"])
-                time.sleep(3)
+                time.sleep(2.5)
                 assert quiet.poll() is None, "tail -f exited after a rename"
                 assert tail.poll() is None
             finally:
@@ -210,33 +209,3 @@ def test_every_cell_of_the_rules_table(store_env: StoreEnv, tmp_path: Path) -> N
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-
-def test_mid_file_reader_at_a_replace_never_sees_new_bytes(
-        store_env: StoreEnv, tmp_path: Path) -> None:
-    """A reader part way through a file when it is replaced: ESTALE at its next read,
-    including reads the kernel would have served from pages of the new version."""
-    old, new = os.urandom(2 << 20), os.urandom(2 << 20)
-    with mounted(store_env, tmp_path, name="a") as a, \
-            mounted(store_env, tmp_path, name="b") as b:
-        (a.path / "f").write_bytes(old)
-        wait_for(lambda: (b.path / "f").exists() and (b.path / "f").stat().st_size == len(old),
-                 10)
-        fd = os.open(b.path / "f", os.O_RDONLY)
-        try:
-            assert os.read(fd, 300 * KiB) == old[:300 * KiB]
-            sdk_overwrite(store_env, "f", new)
-            # Another process reads the new version on B, filling the new inode's pages.
-            wait_for(lambda: (b.path / "f").read_bytes() == new, 15)
-            for off in (300 * KiB, 0, 1 << 20):
-                try:
-                    got = os.pread(fd, 4096, off)
-                except OSError as exc:
-                    assert exc.errno == errno.ESTALE
-                else:
-                    assert got == old[off:off + 4096], "a pinned handle returned other bytes"
-            with pytest.raises(OSError) as exc:
-                os.pread(fd, 4096, len(old) - 4096)
-            assert exc.value.errno == errno.ESTALE
-        finally:
-            os.close(fd)
