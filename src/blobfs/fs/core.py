@@ -468,10 +468,15 @@ class Filesystem:
     def _follow_writer(self, inode: Inode, w: FileWriter) -> None:
         """Move the inode's version with its writer's base, in the same step (bug 1)."""
 
-        def on_base(meta: ObjectMeta) -> None:
+        def on_base(meta: ObjectMeta, rebased: bool) -> None:
             if inode.writer is not w:
                 return
-            if inode.meta is None or inode.meta.etag != meta.etag:
+            if rebased:
+                # Our pending bytes moved past another writer's: pages the kernel cached
+                # at their old offsets are wrong now.
+                inode.kernel_etag = None
+                self._invalidate(inode.ino)
+            elif inode.meta is None or inode.meta.etag != meta.etag:
                 # Our own commit: the kernel's pages hold exactly these bytes, since every
                 # read it cached was answered from this writer's view.
                 inode.kernel_etag = meta.etag

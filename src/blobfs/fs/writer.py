@@ -121,7 +121,8 @@ class FileWriter:
         #: (a commit landed, or a rebase adopted another writer's append). The inode's view
         #: must move in the same step: reads of committed ranges come from it once the
         #: in-flight epoch stops answering them (issue 11 bug 1).
-        self.on_base: Callable[[ObjectMeta], None] | None = None
+        #: The flag says a rebase moved pending bytes to a new offset.
+        self.on_base: Callable[[ObjectMeta, bool], None] | None = None
 
     def restore(self, size: int, epoch: Epoch) -> None:
         """Adopt pending state replayed from the spool journal (crash recovery)."""
@@ -148,10 +149,10 @@ class FileWriter:
         """Wait until no commit is in flight (it landed or failed)."""
         await self._settled.wait()
 
-    def _set_base(self, meta: ObjectMeta) -> None:
+    def _set_base(self, meta: ObjectMeta, *, rebased: bool = False) -> None:
         self.base = meta
         if self.on_base is not None:
-            self.on_base(meta)
+            self.on_base(meta, rebased)
 
     def _source(self) -> _SpoolSource:
         return _SpoolSource(self.spool)
@@ -414,7 +415,7 @@ class FileWriter:
                     after=[(r.off, r.size) for r in self.epoch.dirty])
                 self.size += delta
                 size += delta
-            self._set_base(current)
+            self._set_base(current, rebased=delta != 0)
         log.info("rebased %d pending bytes of %s onto a %d-byte version appended elsewhere",
                  size - current.size, self.key, current.size)
         return size
