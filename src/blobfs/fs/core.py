@@ -28,7 +28,7 @@ from blobfs.fs.cache import CACHE_BLOCK, BlockCache
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
 from blobfs.fs.spool import Spool, SpoolEntry
 from blobfs.fs.writer import FileWriter, base_record, new_stream
-from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.store.base import ObjectStore, Range, put_bytes
 from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -653,16 +653,8 @@ class Filesystem:
         inode = h.inode
         for _ in range(5):
             base, pieces = await w.read_pending(off, size)
-            parts: list[bytes | memoryview] = []
             try:
-                for kind, r, data in pieces:
-                    if kind == "spool":
-                        parts.append(data)
-                    elif kind == "zero":
-                        parts.append(bytes(r.size))
-                    else:
-                        assert base is not None
-                        parts.append(await self._read_version(h, base, r.off, r.size))
+                return await self._assemble(h, pieces, base)
             except (PreconditionFailed, NotFound):
                 if w.base is not base:
                     continue  # a commit or rebase moved the base on: plan again
@@ -671,23 +663,29 @@ class Filesystem:
                     # yet: the base we planned on is gone. Plan again once it has.
                     await w.wait_settled()
                     continue
-                await self._refresh(inode, force=True)
-                self._check(h, off)
-                meta = inode.meta
-                if (meta is None or base is None or meta.etag == base.etag
-                        or not await self.store.proves_append(base, meta)):
-                    raise stale(f"{inode.key} changed under its pending writes") from None
-                # Another writer appended: the same bytes lie below the old end there.
-                parts = []
-                for kind, r, data in pieces:
-                    if kind == "spool":
-                        parts.append(data)
-                    elif kind == "zero":
-                        parts.append(bytes(r.size))
-                    else:
-                        parts.append(await self._read_version(h, meta, r.off, r.size))
-            return b"".join(parts)
+            await self._refresh(inode, force=True)
+            if self._check(h, off):
+                return b""
+            meta = inode.meta
+            if (meta is None or base is None or meta.etag == base.etag
+                    or not await self.store.proves_append(base, meta)):
+                raise stale(f"{inode.key} changed under its pending writes")
+            # Another writer appended: the same bytes lie below the old end there.
+            return await self._assemble(h, pieces, meta)
         raise FsError(errno.EIO, f"{inode.key} keeps changing under the reader")
+
+    async def _assemble(self, h: Handle, pieces: list[tuple[str, Range, bytes]],
+                        base: ObjectMeta | None) -> bytes:
+        parts: list[bytes | memoryview] = []
+        for kind, r, data in pieces:
+            if kind == "spool":
+                parts.append(data)
+            elif kind == "zero":
+                parts.append(bytes(r.size))
+            else:
+                assert base is not None
+                parts.append(await self._read_version(h, base, r.off, r.size))
+        return b"".join(parts)
 
     async def _read_version(self, h: Handle, meta: ObjectMeta, off: int, size: int) -> bytes:
         """Bytes [off, off+size) of version `meta`, through the block cache.
