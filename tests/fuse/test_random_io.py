@@ -223,6 +223,7 @@ def run_differential(env: StoreEnv, tmp_path: Path, n_ops: int, check_every: int
           f"0 mismatches; {counts}")
 
 
+@pytest.mark.timeout(1800)  # --long-io: 100,000 operations take minutes on a busy machine
 def test_differential_random_ops(store_env: StoreEnv, tmp_path: Path,
                                  request: pytest.FixtureRequest) -> None:
     n = SUITE_OPS[store_env.name]
