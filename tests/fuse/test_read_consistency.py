@@ -53,7 +53,7 @@ def test_reads_during_background_commits_return_what_was_written(
         cached = os.open(path, os.O_RDONLY)
         try:
             os.pwrite(fd, model, 0)
-            deadline = time.monotonic() + 4
+            deadline = time.monotonic() + 3
             rounds = 0
             while time.monotonic() < deadline:
                 n = rng.randint(1, 64 * KiB)
