@@ -29,6 +29,12 @@ SHARED_KINDS = [k for k in ALL_KINDS if k != "memory"]
 _unique = itertools.count()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long-io", action="store_true", default=False,
+                     help="run the long differential random-operation test (100,000 ops "
+                          "on file://, about 3 minutes): scripts/test --long-io")
+
+
 @pytest.fixture(scope="session")
 def server_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
     """Start each kind's server on first use; stop them all at the end of the session."""

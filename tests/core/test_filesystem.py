@@ -140,7 +140,10 @@ async def test_remote_replace_gives_estale_and_delete_enoent(store: MemoryStore,
             await fs.read(fh, 2 * MiB, 10)
         assert exc.value.errno == errno.ESTALE
         await fs.release(fh)
-        fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+        # The replaced blob's name has a new inode (docs/semantics.md).
+        attr2 = await fs.lookup(1, "r")
+        assert attr2.ino != attr.ino
+        fh, _ = await fs.open(attr2.ino, os.O_RDONLY)
         assert await fs.read(fh, 0, 3) == b"yyy"
         await store.delete("r")
         with pytest.raises(FsError) as exc:

@@ -28,7 +28,7 @@ from blobfs.fs.cache import CACHE_BLOCK, BlockCache
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
 from blobfs.fs.spool import Spool, SpoolEntry
 from blobfs.fs.writer import FileWriter, base_record, new_stream
-from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.store.base import ObjectStore, Range, put_bytes
 from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,14 @@ class Filesystem:
         spool: Spool,
         spawn: Callable[..., None],
         invalidate: Callable[[Ino], None] = lambda ino: None,
+        invalidate_entry: Callable[[Ino, str], None] = lambda parent_ino, name: None,
     ) -> None:
         self.store = store
         self.cfg = cfg
         self.spool = spool
         self._spawn = spawn
         self._invalidate = invalidate
+        self._invalidate_entry = invalidate_entry
         self.inodes = InodeTable()
         self.cache = BlockCache(cfg.cache_size)
         #: Blocks of runs decided on but whose fetch task has not claimed them in the
@@ -151,13 +153,16 @@ class Filesystem:
 
     @classmethod
     def create(cls, store: ObjectStore, cfg: MountConfig, *, spool: Spool,
-               nursery: trio.Nursery, invalidate: Callable[[Ino], None]) -> Filesystem:
+               nursery: trio.Nursery, invalidate: Callable[[Ino], None],
+               invalidate_entry: Callable[[Ino, str], None] = lambda parent_ino, name: None,
+               ) -> Filesystem:
         """Build a Filesystem whose background work (staging, timers) runs in `nursery`."""
 
         def spawn(fn: Callable[..., Awaitable[object]], *args: object) -> None:
             nursery.start_soon(_guarded, fn, *args)
 
-        return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate)
+        return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate,
+                   invalidate_entry=invalidate_entry)
 
     # --- attributes -----------------------------------------------------------------
     def _attr(self, inode: Inode) -> Attr:
@@ -240,7 +245,7 @@ class Filesystem:
         inode = self.inodes.ensure(key, False)
         changed = inode.meta is None or inode.meta.etag != file_meta.etag
         if changed and (inode is not known or (inode.meta, inode.gen) == seen):
-            await self._observe(inode, file_meta)
+            inode = await self._observe(inode, file_meta)
         inode.checked_at = trio.current_time()
         return inode
 
@@ -268,7 +273,7 @@ class Filesystem:
     # --- change detection -------------------------------------------------------------
     async def _refresh(self, inode: Inode, *, force: bool = False) -> None:
         """Ask the store about the blob if our view is older than metadata_ttl."""
-        if inode.is_dir:
+        if inode.is_dir or inode.retired:
             return
         now = trio.current_time()
         if not force and now - inode.checked_at < self.cfg.metadata_ttl:
@@ -286,58 +291,95 @@ class Filesystem:
         inode.checked_at = trio.current_time()
         await self._observe(inode, new)
 
-    async def _observe(self, inode: Inode, new: ObjectMeta | None) -> None:
-        """React to the store's current version of `inode` (SPEC §3)."""
+    async def _observe(self, inode: Inode, new: ObjectMeta | None) -> Inode:
+        """React to the store's current version of `inode` (SPEC §3, docs/semantics.md).
+
+        Returns the inode the key now names: a replaced or deleted blob's inode is retired
+        (its handles keep their view: EOF at its end, ESTALE or ENOENT inside it) and the
+        key gets a new inode number for the new version, as on a local disk.
+        """
+        if inode.retired:
+            return inode
+        w = inode.writer
+        if w is not None and (w.inflight is not None or w.commit_lock.locked()):
+            # Our own commit is landing: it tells us its version in the same step as it
+            # stops serving reads from its in-flight epoch. A HEAD that already sees it
+            # would take it for a foreign replacement (issue 11 bug 1).
+            return inode
         old = inode.meta
         if new is None:
             if old is None or inode.deleted:
-                return
-            inode.gen_end[inode.gen] = gone(f"{inode.key} was deleted remotely")
-            inode.gen += 1
-            # Keep the old size: the kernel must still send reads at old offsets to us, so
-            # open handles see ENOENT instead of a silent end of file.
-            inode.deleted = True
-            # A new mtime makes the kernel drop its cached pages as it takes the attributes
-            # (auto_inval_data), before it serves the read that asked: that read and every
-            # later one reach us and fail (docs/design/read-path.md "Change detection").
-            inode.mtime = time.time()
+                return inode
             self.stats["deleted"] += 1
-            log.warning("%s was deleted remotely; open handles now fail with ENOENT",
-                        inode.key)
-            self._drop_listing(inode.parent_key)
-            inode.kernel_etag = None
-            self._invalidate(inode.ino)
-            return
+            log.warning("%s was deleted remotely; open handles now fail with ENOENT "
+                        "inside the version they read", inode.key)
+            self._end_generation(inode, gone(f"{inode.key} was deleted remotely"))
+            if w is None:
+                self._retire(inode)
+            else:
+                # Keep the old size: handles of this mount's writer still read their view.
+                inode.deleted = True
+            return inode
         if inode.deleted:
             inode.deleted = False  # it came back: a new version for new handles
             inode.meta = new
-            inode.kernel_etag = None
-            return
+            return inode
         if old is None or new.etag == old.etag:
             inode.meta = new
-            return
+            return inode
         appended = await self.store.proves_append(old, new)
-        if inode.meta is not old:
-            return  # updated while we checked
+        if inode.meta is not old or inode.retired:
+            return self.inodes.by_key(inode.key) or inode  # updated while we checked
         if appended:
             self.cache.alias_nowait(inode.key, old.etag, new.etag, old.size)
             inode.meta = new
             self.stats["appends_followed"] += 1
             log.debug("%s grew by an append: %d -> %d bytes", inode.key, old.size, new.size)
-            return
-        inode.gen_end[inode.gen] = stale(f"{inode.key} was replaced remotely")
-        inode.gen += 1
-        inode.meta = new
-        inode.mtime = time.time()  # the kernel drops its pages (as for a delete, above)
-        inode.kernel_etag = None
+            return inode
         self.stats["replaced"] += 1
-        log.warning("%s was replaced remotely; open handles now fail with ESTALE", inode.key)
+        log.warning("%s was replaced remotely; open handles now fail with ESTALE inside "
+                    "the version they read", inode.key)
+        self._end_generation(inode, stale(f"{inode.key} was replaced remotely"))
+        if w is not None:
+            inode.meta = new
+            return inode
+        self._retire(inode)
+        fresh = self.inodes.ensure(inode.key, False, new)
+        fresh.checked_at = trio.current_time()
+        return fresh
+
+    def _end_generation(self, inode: Inode, end: FsError) -> None:
+        """Handles opened so far read their version only: EOF at its end, `end` inside."""
+        inode.gen_end[inode.gen] = end
+        inode.gen_size[inode.gen] = inode.meta.size if inode.meta else 0
+        inode.gen += 1
+        inode.kernel_etag = None
+        # A new mtime makes the kernel drop its cached pages as it takes the attributes
+        # (auto_inval_data), before it serves the read that asked: that read and every
+        # later one reach us (docs/design/read-path.md "Change detection").
+        inode.mtime = time.time()
+        self._drop_listing(inode.parent_key)
+        # The kernel's pages are of the old version: reads inside it must reach us.
         self._invalidate(inode.ino)
 
-    def _check(self, h: Handle) -> None:
+    def _retire(self, inode: Inode) -> None:
+        """Detach a replaced or deleted blob's inode from its name, frozen at its last
+        version: the next lookup makes a new inode, so `tail -F` sees "replaced"."""
+        inode.retired = True
+        self.inodes.unlink_key(inode.key, inode)
+        parent = self.inodes.by_key(inode.parent_key)
+        if parent is not None:
+            self._invalidate_entry(parent.ino, inode.key[len(inode.parent_key):])
+
+    def _check(self, h: Handle, off: int = 0) -> bool:
+        """Whether a read at `off` through `h` is at or past the end of its ended version
+        (EOF, not an error); raise the generation's errno for a read inside it."""
         inode = h.inode
-        if h.gen != inode.gen:
-            raise inode.gen_end[h.gen]
+        if h.gen == inode.gen:
+            return False
+        if off >= inode.gen_size.get(h.gen, 0):
+            return True
+        raise inode.gen_end[h.gen]
 
     # --- directories ------------------------------------------------------------------
     def _drop_listing(self, dir_key: str) -> None:
@@ -553,9 +595,31 @@ class Filesystem:
                 raise
             if inode.writer is None or inode.writer.detached:
                 inode.writer = self.make_writer(inode.key, inode.meta, entry)
+                self._follow_writer(inode, inode.writer)
             else:  # another task made one while we waited
                 await entry.remove()
         return inode.writer
+
+    def _follow_writer(self, inode: Inode, w: FileWriter) -> None:
+        """Move the inode's version with its writer's base, in the same step (bug 1)."""
+
+        def on_base(meta: ObjectMeta, rebased: bool) -> None:
+            if inode.writer is not w:
+                return
+            if rebased:
+                # Our pending bytes moved past another writer's: pages the kernel cached
+                # at their old offsets are wrong now.
+                inode.kernel_etag = None
+                self._invalidate(inode.ino)
+            elif inode.meta is None or inode.meta.etag != meta.etag:
+                # Our own commit: the kernel's pages hold exactly these bytes, since every
+                # read it cached was answered from this writer's view.
+                inode.kernel_etag = meta.etag
+                self.stats["commits"] += 1
+            inode.meta = meta
+            inode.checked_at = trio.current_time()
+
+        w.on_base = on_base
 
     def make_writer(self, key: str, base: ObjectMeta | None, entry: SpoolEntry) -> FileWriter:
         return FileWriter(key, base, entry, self.store, block_size=self.cfg.block_size,
@@ -567,6 +631,7 @@ class Filesystem:
         inode = self.inodes.ensure(writer.key, False, writer.base)
         inode.writer = writer
         self._note_create(inode)
+        self._follow_writer(inode, writer)
         self._arm_timer(inode)
 
     async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
@@ -585,7 +650,7 @@ class Filesystem:
             inode = None
         inode = inode or self.inodes.ensure(key, False)
         if existing is not None:
-            await self._observe(inode, existing)
+            inode = await self._observe(inode, existing)
         w = await self._writer(inode)
         if existing is not None:
             await w.truncate(0)
@@ -603,6 +668,11 @@ class Filesystem:
         inode = self._inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
+        if inode.retired:
+            # The kernel still had the name pointing here: ESTALE makes it look the name
+            # up again (LOOKUP_REVAL) and open the new inode, never this frozen version.
+            raise FsError(errno.ESTALE, f"{inode.key}: a newer version has a new inode",
+                          logging.DEBUG)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self._writable()
@@ -636,15 +706,40 @@ class Filesystem:
 
     # --- reads ----------------------------------------------------------------------
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Bytes [off, off+size) of the handle's view, as many as the file has there.
+
+        The reply is never short of a size this mount may have reported meanwhile: the
+        kernel zero-fills a short reply up to the size it knows and keeps those pages
+        (issue 11 bug 3). So a read that raced a followed append or a local write reads
+        on into the bytes that arrived, before it answers.
+        """
         h = self._handle(fh)
         inode = h.inode
-        self._check(h)
+        if self._check(h, off):
+            return b""
+        data = await self._read_once(h, off, size)
+        while len(data) < size and h.gen == inode.gen:
+            got = off + len(data)
+            if inode.size <= got:
+                break
+            more = await self._read_once(h, got, size - len(data))
+            if not more:
+                break
+            data = bytes(data) + bytes(more)
+        return data
+
+    async def _read_once(self, h: Handle, off: int, size: int) -> bytes | memoryview:
+        inode = h.inode
         w = inode.writer
         if w is not None and (w.pending or w.inflight is not None):
             return await self._read_overlay(h, w, off, size)
         await self._refresh(inode)
-        self._check(h)
+        if self._check(h, off):
+            return b""
         for _ in range(5):
+            w = inode.writer
+            if w is not None and (w.pending or w.inflight is not None):
+                return await self._read_overlay(h, w, off, size)
             meta = inode.meta
             if meta is None or off >= meta.size:
                 return b""
@@ -655,20 +750,52 @@ class Filesystem:
             except NotFound:
                 pass
             await self._refresh(inode, force=True)
-            self._check(h)
+            if self._check(h, off):
+                return b""
         raise FsError(errno.EIO, f"{inode.key} keeps changing under the reader")
 
     async def _read_overlay(self, h: Handle, w: FileWriter, off: int, size: int) -> bytes:
-        parts = []
-        for kind, r in w.split_read(off, size):
+        """A read of a file with pending writes: the writer's view (read-your-writes).
+
+        Pending pieces come from the spool and the rest from the version the pending
+        changes sit on, planned in one step (`FileWriter.read_pending`). A commit landing
+        meanwhile moves that version on; the plan is then made again against it.
+        """
+        inode = h.inode
+        for _ in range(5):
+            base, pieces = await w.read_pending(off, size)
+            try:
+                return await self._assemble(h, pieces, base)
+            except (PreconditionFailed, NotFound):
+                if w.base is not base:
+                    continue  # a commit or rebase moved the base on: plan again
+                if w.inflight is not None:
+                    # Our commit landed in the store but has not told us its version
+                    # yet: the base we planned on is gone. Plan again once it has.
+                    await w.wait_settled()
+                    continue
+            await self._refresh(inode, force=True)
+            if self._check(h, off):
+                return b""
+            meta = inode.meta
+            if (meta is None or base is None or meta.etag == base.etag
+                    or not await self.store.proves_append(base, meta)):
+                raise stale(f"{inode.key} changed under its pending writes")
+            # Another writer appended: the same bytes lie below the old end there.
+            return await self._assemble(h, pieces, meta)
+        raise FsError(errno.EIO, f"{inode.key} keeps changing under the reader")
+
+    async def _assemble(self, h: Handle, pieces: list[tuple[str, Range, bytes]],
+                        base: ObjectMeta | None) -> bytes:
+        parts: list[bytes | memoryview] = []
+        for kind, r, data in pieces:
             if kind == "spool":
-                parts.append(await w.spool.read(r.off, r.size))
+                parts.append(data)
             elif kind == "zero":
                 parts.append(bytes(r.size))
             else:
-                meta = h.inode.meta or w.base
-                assert meta is not None
-                parts.append(await self._read_version(h, meta, r.off, r.size))
+                assert base is not None
+                parts.append(await self._read_version(h, base, r.off, r.size))
         return b"".join(parts)
 
     async def _read_version(self, h: Handle, meta: ObjectMeta, off: int, size: int) -> bytes:
@@ -855,13 +982,7 @@ class Filesystem:
         except FsError:
             self.stats["commit_errors"] += 1
             raise
-        if w.base is not None:
-            new_version = inode.meta is None or inode.meta.etag != w.base.etag
-            inode.meta = w.base
-            inode.checked_at = trio.current_time()
-            if new_version:
-                inode.kernel_etag = w.base.etag
-                self.stats["commits"] += 1
+        # The inode's version already moved with the writer's base (_follow_writer).
         self._drop_listing(inode.parent_key)
 
     async def flush(self, fh: int) -> None:

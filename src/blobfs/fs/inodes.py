@@ -31,8 +31,11 @@ class Inode:
     open_count: int = 0
     #: Bumped when the blob is replaced or deleted remotely; old handles then fail.
     gen: int = 0
-    #: Made on first use (`gen_end`): most inodes never see a generation end.
+    #: Made on first use (`gen_end`, `gen_size`): most inodes never see a generation end.
     _gen_end: dict[int, FsError] | None = None
+    _gen_size: dict[int, int] | None = None
+    #: Replaced or deleted remotely: no longer named by its key, frozen at `meta`.
+    retired: bool = False
     writer: FileWriter | None = None
     #: The ETag whose pages the kernel may still cache for this inode.
     kernel_etag: ETag | None = None
@@ -46,6 +49,14 @@ class Inode:
         if self._gen_end is None:
             self._gen_end = {}
         return self._gen_end
+
+    @property
+    def gen_size(self) -> dict[int, int]:
+        """The size of the version each ended generation last read: reads at or past it
+        are EOF, not an error (a `tail` at the end must survive a rotation)."""
+        if self._gen_size is None:
+            self._gen_size = {}
+        return self._gen_size
 
     @property
     def size(self) -> int:
@@ -132,9 +143,11 @@ class InodeTable:
             self._by_key = dict(self._by_key)
             self._peak = size
 
-    def unlink_key(self, key: str) -> None:
-        """Detach `key` from its inode (the inode lives on while referenced)."""
-        self._by_key.pop(key, None)
+    def unlink_key(self, key: str, inode: Inode | None = None) -> None:
+        """Detach `key` from its inode (the inode lives on while referenced); with
+        `inode`, only if the key still names that one."""
+        if inode is None or self._by_key.get(key) == inode.ino:
+            self._by_key.pop(key, None)
 
     def rekey(self, inode: Inode, key: str) -> None:
         if self._by_key.get(inode.key) == inode.ino:

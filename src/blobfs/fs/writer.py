@@ -117,6 +117,12 @@ class FileWriter:
         #: Set while no commit is in flight: the version the current epoch builds on exists.
         self._settled = trio.Event()
         self._settled.set()
+        #: Told, with no checkpoint in between, each time `base` moves to a new version
+        #: (a commit landed, or a rebase adopted another writer's append). The inode's view
+        #: must move in the same step: reads of committed ranges come from it once the
+        #: in-flight epoch stops answering them (issue 11 bug 1).
+        #: The flag says a rebase moved pending bytes to a new offset.
+        self.on_base: Callable[[ObjectMeta, bool], None] | None = None
 
     def restore(self, size: int, epoch: Epoch) -> None:
         """Adopt pending state replayed from the spool journal (crash recovery)."""
@@ -138,6 +144,15 @@ class FileWriter:
         if self.inflight is not None:
             dirty = dirty.union(self.inflight.dirty)
         return dirty.total
+
+    async def wait_settled(self) -> None:
+        """Wait until no commit is in flight (it landed or failed)."""
+        await self._settled.wait()
+
+    def _set_base(self, meta: ObjectMeta, *, rebased: bool = False) -> None:
+        self.base = meta
+        if self.on_base is not None:
+            self.on_base(meta, rebased)
 
     def _source(self) -> _SpoolSource:
         return _SpoolSource(self.spool)
@@ -297,7 +312,7 @@ class FileWriter:
             finally:
                 self._settled.set()  # after the F record: see below
         self.inflight = None
-        self.base = meta
+        self._set_base(meta)
         self._must_create = False
         self.committed_seq = seq
         self.error = None
@@ -382,6 +397,8 @@ class FileWriter:
             raise PreconditionFailed(f"{self.key} was changed by another writer")
         delta = current.size - base.size
         async with self._change_lock:
+            # Readers hold this lock too: they see the epochs shifted, the spool moved and
+            # the new base all at once, never zeros where the other writer's bytes are.
             if delta:
                 # Our bytes past the old end move to the new end: a new spool entry is
                 # written and switched in atomically, so a crash leaves one or the other.
@@ -398,9 +415,9 @@ class FileWriter:
                     after=[(r.off, r.size) for r in self.epoch.dirty])
                 self.size += delta
                 size += delta
+            self._set_base(current, rebased=delta != 0)
         log.info("rebased %d pending bytes of %s onto a %d-byte version appended elsewhere",
                  size - current.size, self.key, current.size)
-        self.base = current
         return size
 
     async def discard(self) -> None:
@@ -414,6 +431,23 @@ class FileWriter:
         await self.spool.remove()
 
     # --- reads -------------------------------------------------------------------------
+    async def read_pending(self, off: int, size: int) -> tuple[ObjectMeta | None,
+                                                               list[tuple[str, Range, bytes]]]:
+        """Plan a read of [off, off+size) and fetch its pending pieces, as one step.
+
+        Returns the base version the plan is relative to, and (kind, range, data) pieces in
+        order: "spool" pieces carry their bytes, "base" pieces are to be read from the base
+        version, "zero" pieces are holes. Holding the change lock, no write, truncate,
+        commit swap or rebase lands between the plan and the spool reads.
+        """
+        async with self._change_lock:
+            base = self.base
+            out = []
+            for kind, r in self.split_read(off, size):
+                data = await self.spool.read(r.off, r.size) if kind == "spool" else b""
+                out.append((kind, r, data))
+            return base, out
+
     def split_read(self, off: int, size: int) -> list[tuple[str, Range]]:
         """Where each piece of [off, off+size) comes from: "spool", "base" or "zero"."""
         end = min(off + size, self.size)
