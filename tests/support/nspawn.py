@@ -112,8 +112,8 @@ class Container:
                 break
             time.sleep(0.1)
         assert state in ("running", "degraded"), (
-            f"systemd-nspawn cannot boot a container on this host (state {state!r}):\n"
-            + self.console.read_text(errors="replace")[-3000:])
+            f"systemd-nspawn cannot boot a container on this host (state {state!r}, "
+            f"{res.stderr.strip()!r}):\n" + self.console.read_text(errors="replace")[-3000:])
         if state == "degraded":
             failed = self.run("systemctl --failed --no-legend --plain", check=False).stdout
             raise AssertionError(f"the container booted degraded:\n{failed}")
@@ -129,10 +129,14 @@ class Container:
             if not proc.name.isdigit():
                 continue
             try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                status = dict(line.split(":\t", 1) for line in
+                              (proc / "status").read_text().splitlines() if ":\t" in line)
             except OSError:
                 continue
-            if int(fields[1]) == self._proc.pid:
+            # nspawn's child becomes PID 1 of the new namespace, then execs systemd.
+            if int(status.get("PPid", 0)) == self._proc.pid \
+                    and status.get("NSpid", "").split()[-1:] == ["1"] \
+                    and status.get("Name") == "systemd":
                 return int(proc.name)
         return None
 
