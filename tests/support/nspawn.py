@@ -11,6 +11,7 @@ where systemd enforces DevicePolicy=. Everything started here is stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -185,8 +186,16 @@ class Container:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                # Killing nspawn alone would leave the container running: end its PID 1,
+                # which takes every process of the container with it.
+                if self.leader:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.leader, signal.SIGKILL)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if os.path.ismount(self.root):
             subprocess.run(["umount", str(self.root)], check=False, timeout=60)
             if os.path.ismount(self.root):
