@@ -107,7 +107,7 @@ def test_service_ready_status_hardening_and_modes(container: Container,
 def test_watchdog_aborts_a_stopped_daemon_and_systemd_restarts_it(container: Container,
                                                                   store_root: Path) -> None:
     c = container
-    unit = configure(c, "wd", "commit_interval=1", "WatchdogSec=3\nRestartSec=1")
+    unit = configure(c, "wd", "commit_interval=1", "WatchdogSec=5\nRestartSec=1")
     c.run(f"systemctl start {unit}")
     pid = c.show(unit, "MainPID")
     c.run(f"kill -STOP {pid}")
