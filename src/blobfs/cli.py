@@ -1,9 +1,11 @@
 """Command line: argument and fstab-option parsing, daemon mode, exit codes.
 
 `blobfs mount SOURCE MOUNTPOINT [-o opts] [-f]`, the mount(8) form
-`blobfs SOURCE MOUNTPOINT -o opts`, `blobfs unmount MOUNTPOINT`, `blobfs status` and
-`blobfs recover`. Bad input becomes one line on stderr and a non-zero exit code
-(documented in the README), never a traceback. Daemon mode (`_daemonize`) lives here: the
+`blobfs SOURCE MOUNTPOINT -o opts`, `blobfs unmount MOUNTPOINT`, `blobfs status`,
+`blobfs recover`, and `blobfs umount-helper` (what /sbin/umount.fuse.blobfs runs, so
+umount(8) and systemd's mount units return only after the daemon's final commit). Bad
+input becomes one line on stderr and a non-zero exit code (documented in the README),
+never a traceback. Daemon mode (`_daemonize`) lives here: the
 parent returns only once the mount answers, and hands a systemd service over to its child.
 """
 
@@ -15,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -87,10 +90,31 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
                              foreground=args.foreground, debug=args.debug)
 
 
-def cmd_mount(argv: list[str]) -> int:
+#: Where umount(8) looks for `umount.fuse.blobfs` (libmount's helper search path).
+UMOUNT_HELPER_DIRS = ("/sbin", "/sbin/fs.d", "/sbin/fs")
+
+
+def umount_helpers_missing() -> list[str]:
+    """Which of umount(8)'s helpers for blobfs mounts are not installed. Both are needed:
+    umount looks for `umount.fuse.blobfs` when it reads the type from mountinfo (`-c`, as
+    systemd runs it, or a mount with a utab entry), but for `umount DIR` it takes the type
+    from statfs(2), which says only "fuse", and looks for `umount.fuse`."""
+    return [name for name in ("umount.fuse.blobfs", "umount.fuse")
+            if not any(os.access(Path(d) / name, os.X_OK) for d in UMOUNT_HELPER_DIRS)]
+
+
+def cmd_mount(argv: list[str], *, via_mount_8: bool = False) -> int:
     from blobfs import mount
 
     cfg = parse_mount_args(argv)
+    missing = umount_helpers_missing() if via_mount_8 and not cfg.foreground \
+        and os.geteuid() == 0 else []
+    if missing:
+        # Without the helpers, umount(8) -- and so `systemctl stop` of a mount unit and
+        # poweroff -- returns while the daemon still commits: refuse, never a silent window.
+        raise UsageError(f"refusing to mount: /sbin/{missing[0]} is missing, so umount and "
+                         "systemd would not wait for the final commit (install it with "
+                         "scripts/install-units --bin-only)")
     blog.setup(cfg.debug)
     import_credentials()
     mount.preflight(cfg)
@@ -137,7 +161,9 @@ def _daemonize(cfg: MountConfig, notifier: Notifier) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        if not keep_stderr:
+        if keep_stderr:
+            blog.reopen_stderr_as("blobfs")
+        else:
             err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(err, 2)
             os.close(err)
@@ -208,6 +234,81 @@ def cmd_unmount(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_umount_helper(argv: list[str]) -> int:
+    """umount(8)'s helper for fuse.blobfs: `umount.fuse.blobfs MOUNTPOINT [-flnrvd] [-N NS]
+    [-t TYPE]`. Unmounts with `umount -i` (busy mounts stay busy, as with any umount), then
+    waits until the daemon has committed what was pending and exited. systemd runs umount
+    to stop a mount unit, also at poweroff, so those wait too, bounded by the unit's
+    TimeoutSec=."""
+    from blobfs import mount
+
+    p = argparse.ArgumentParser(prog="umount.fuse.blobfs")
+    p.add_argument("mountpoint")
+    for flag in ("-f", "-l", "-n", "-r", "-v", "-d"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("-N", dest="namespace")
+    p.add_argument("-t", dest="type")
+    p.__class__ = _Parser
+    args = p.parse_args(argv)
+    mnt = Path(args.mountpoint)
+    # Installed as umount.fuse too, this runs for every FUSE mount: others just unmount.
+    pid = _daemon_of(mnt) if mount.fstype_at(mnt) == "fuse.blobfs" else None
+    cmd = ["umount", "-i"] + [f"-{f}" for f in "flnrvd" if getattr(args, f)]
+    if args.namespace:
+        cmd += ["-N", args.namespace]
+    res = subprocess.run([*cmd, str(mnt)], check=False)
+    if res.returncode:
+        return res.returncode
+    if pid is not None:
+        _wait_exit(pid)
+    return EXIT_OK
+
+
+def _daemon_of(mnt: Path) -> int | None:
+    """The pid of the blobfs daemon serving `mnt`: from its state file, else (a runtime
+    directory this process does not see) the blobfs process whose command line names
+    `mnt`. Checked against the command line: a stale record's pid may have been reused."""
+    from blobfs import mount
+
+    target = os.path.abspath(mnt)
+    candidates = []
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        candidates.append(int(json.loads(mount.state_file(mnt).read_text())["pid"]))
+    candidates += sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    for pid in candidates:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("blobfs") for a in args[:3]) \
+                or any(a in ("umount-helper", "unmount", "umount", "status") for a in args):
+            continue
+        if any(a and os.path.abspath(a) == target for a in args) and _alive(pid):
+            return pid
+    return None
+
+
+def _wait_exit(pid: int) -> None:
+    """Wait, without a deadline of our own, until `pid` has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        while _alive(pid):
+            time.sleep(0.05)
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        # A zombie is readable too: it has exited; its parent reaps it.
+        while not poller.poll(1000) and _alive(pid):
+            pass
+    finally:
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -223,6 +324,21 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, so a closed pipe is caught below, not at exit
+    except BrokenPipeError:
+        # `blobfs --help | head`: the reader left. Quietly, like a command killed by
+        # SIGPIPE; stdout goes to /dev/null so the interpreter's last flush stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: list[str]) -> int:
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(USAGE + "\nOptions:\n" + options_help())
@@ -240,13 +356,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_recover(rest)
         if cmd in ("unmount", "umount"):
             return cmd_unmount(rest)
+        if cmd == "umount-helper":
+            return cmd_umount_helper(rest)
         if cmd == "status":
             from blobfs.status import cmd_status
 
             return cmd_status(rest)
         if "://" in cmd:
             # mount(8) calls helpers as: blobfs SOURCE MOUNTPOINT -o opts
-            return cmd_mount(argv)
+            return cmd_mount(argv, via_mount_8=True)
         raise UsageError(f"unknown command '{cmd}': use mount, unmount, status or recover "
                          "(blobfs --help)")
     except UsageError as exc:

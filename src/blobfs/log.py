@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 
 _SECRET_PATTERNS = [
@@ -61,6 +62,34 @@ def stderr_is_journal() -> bool:
         return bool(stream) and st.st_dev == int(dev) and st.st_ino == int(ino)
     except (OSError, ValueError):
         return False
+
+
+JOURNAL_STDOUT = "/run/systemd/journal/stdout"
+
+
+def reopen_stderr_as(identifier: str) -> bool:
+    """Point stderr at a new journald stream tagged SYSLOG_IDENTIFIER=`identifier`.
+
+    A daemon that mount(8) started inside a systemd `.mount` unit inherits mount's stream,
+    so its lines would carry `SYSLOG_IDENTIFIER=mount`. A stream of our own (what
+    sd_journal_stream_fd does) keeps the unit (journald reads it from our cgroup), the
+    `<N>` priority prefixes, and faulthandler's stack dumps, which also go to fd 2.
+    Returns False, leaving stderr alone, when journald cannot be reached.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(JOURNAL_STDOUT)
+        sock.shutdown(socket.SHUT_RD)
+        # identifier, unit id, priority, level prefix, forward to syslog/kmsg/console
+        sock.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
+        os.dup2(sock.fileno(), 2)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    st = os.fstat(2)
+    os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    return True
 
 
 class RedactingFormatter(logging.Formatter):

@@ -89,6 +89,19 @@ def is_mountpoint(path: Path) -> bool:
         return any(_unescape(line.split()[1]) == target for line in f)
 
 
+def fstype_at(path: Path) -> str | None:
+    """The type (fuse.blobfs, ...) of what is mounted at `path` (the topmost mount), from
+    /proc/self/mountinfo: no syscall on `path`."""
+    target = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == target and "-" in fields:
+                found = fields[fields.index("-", 6) + 1]
+    return found
+
+
 def _unescape(field: str) -> str:
     # /proc/mounts writes space, tab, newline and backslash as octal escapes.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -193,12 +206,20 @@ async def check_store(cfg: MountConfig) -> ObjectStore:
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
-    opts = {"fsname=blobfs", "subtype=blobfs", "default_permissions"}
+    opts = {f"fsname={fsname(cfg.source)}", "subtype=blobfs", "default_permissions"}
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.read_only:
         opts.add("ro")
     return opts
+
+
+def fsname(source: str) -> str:
+    """The mount's source as /proc/mounts, findmnt and systemd (`What=`) show it: the store
+    URL as given (what an fstab line names), secrets removed. libfuse splits options at
+    commas (backslash escapes them), and pyfuse3 passes options as ASCII."""
+    text = redact(source).replace("\\", "\\\\").replace(",", "\\,")
+    return text if text.isascii() else "blobfs"
 
 
 async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
@@ -273,6 +294,9 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         report = await recover_spool(store, spool, fs.make_writer)
         for writer in report.writers:
             fs.adopt(writer)
+        # Commits like any other: STATUS, `blobfs status` and metrics count them (the
+        # metered store already counted their bytes).
+        fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
         ops = FuseOps(fs)
         control = await open_control_listener(control_socket(cfg.mountpoint))
         try:

@@ -72,6 +72,10 @@ def test_install_units_is_idempotent(tmp_path: Path) -> None:
     assert f'exec "{REPO}/.venv/bin/blobfs" "$@"' in wrapper.read_text()
     assert unit.read_text() == (REPO / "systemd" / "blobfs@.service").read_text()
     assert (tmp_path / "etc/blobfs").stat().st_mode & 0o777 == 0o700
+    for name in ("umount.fuse.blobfs", "umount.fuse"):
+        helper = tmp_path / "sbin" / name
+        assert helper.stat().st_mode & 0o111
+        assert f'exec "{REPO}/.venv/bin/blobfs" umount-helper "$@"' in helper.read_text()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
 
     second = subprocess.run([str(script), "--root", str(tmp_path)], capture_output=True,

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -268,12 +269,36 @@ class LocalStore:
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root
         self.display = f"file://{root}"
+        self._mode_cache: tuple[int, int] | None = None
         self.io = Blocking(classify, retry_timeout=cfg.retry_timeout,
                            limits={"meta": 4, "read": 8, "write": 4})
         #: (prefix, delimiter, token) -> the rest of a listing being paged (`_list_page`).
         self._rest_of_listing: dict[tuple[str, str, str | None],
                                     tuple[list[tuple[str, bool]], int]] = {}
         self._rest_lock = threading.Lock()
+
+    def _modes(self) -> tuple[int, int]:
+        """(file mode, directory mode) of what this store creates: the root directory's
+        permission bits (without x for files), never the daemon's umask -- a service with
+        UMask=0077 and a mount(8) helper with 022 must write the same store alike. A 0700
+        root keeps its blobs private; a 0755 one makes them 0644."""
+        if self._mode_cache is None:
+            bits = stat.S_IMODE(self.root.stat().st_mode)
+            self._mode_cache = (bits & 0o666, bits & 0o777)
+        return self._mode_cache
+
+    def _make_dirs(self, path: Path) -> None:
+        """mkdir -p with the store's directory mode on each directory it creates."""
+        if path.is_dir():
+            return
+        self._make_dirs(path.parent)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if path.is_dir():
+                return  # made by another thread or mount meanwhile
+            raise
+        os.chmod(path, self._modes()[1])
 
     # --- paths and locking ---------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -455,6 +480,7 @@ class LocalStore:
                     elif kind == "zero" and any(o < r.end and o + n > r.off for o, n in staged):
                         _pwrite_fd(fd, r.off, bytes(r.size))
                 os.ftruncate(fd, size)
+                os.fchmod(fd, self._modes()[0])
                 os.setxattr(fd, _XATTR_TOKEN, secrets.token_hex(6).encode())
                 os.setxattr(fd, _XATTR_META, json.dumps(metadata).encode())
                 os.fsync(fd)
@@ -471,7 +497,7 @@ class LocalStore:
                 if current != expected:
                     _unlink_quiet(tmp)
                     raise PreconditionFailed(f"{key} moved on from {expected}")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(path.parent)
             os.rename(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -561,8 +587,7 @@ class LocalStore:
             os.close(fd)
 
     def _mkdir_sync(self, key: str) -> ObjectMeta:
-        path = self._path(key)
-        path.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(self._path(key))
         return self._head_sync(key)
 
     # --- the protocol -------------------------------------------------------------------
