@@ -5,6 +5,7 @@ Nothing here knows about FUSE, trio or any SDK.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NewType
@@ -58,16 +59,29 @@ class ListPage:
     token: str | None = None
 
 
-def is_append_of(new: ObjectMeta, old: ObjectMeta) -> bool:
-    """Whether `new` provably extends `old` without touching its bytes (SPEC §3).
+def rooted_stream(base: ObjectMeta) -> str:
+    """The lineage id of a stream that begins by appending onto `base`, a version another
+    tool wrote (it has no lineage of its own).
 
-    The proof is the lineage stream id that every blobfs commit records: appends keep it,
-    rewrites and truncates change it. A store may add its own proof (Azure's block list).
+    Derived from the base's ETag and size, so the new version records what it grew from:
+    a reader pinned to `base` computes the same id and can prove the append (SPEC §3).
+    """
+    digest = hashlib.sha256(f"{base.size}\0{base.etag}".encode()).hexdigest()
+    return "r" + digest[:31]
+
+
+def is_append_of(new: ObjectMeta, old: ObjectMeta) -> bool:
+    """Whether `new`'s lineage says it extends `old` without touching its bytes (SPEC §3).
+
+    The claim is the lineage stream id that every blobfs commit records: appends keep it,
+    rewrites and truncates change it; the first append onto another tool's version takes
+    the id `rooted_stream` derives from that version. Metadata is a claim anyone who can
+    write the bucket can make: the core checks bytes it served before it follows
+    (`Filesystem._proves_append`), and a store may add its own proof (Azure's block list).
     """
     if new.etag == old.etag:
         return True
-    return (
-        old.stream is not None
-        and new.stream == old.stream
-        and new.size >= old.size
-    )
+    if new.size < old.size or new.stream is None:
+        return False
+    expected = old.stream if old.stream is not None else rooted_stream(old)
+    return new.stream == expected

@@ -127,3 +127,51 @@ def spool_listing(env: StoreEnv, cache_dir: Path) -> dict[str, int]:
         raise AssertionError(f"blobfs recover --list failed:\n{res.stdout}{res.stderr}")
     return {m.group(1): int(m.group(2))
             for m in re.finditer(r"^  (\S.*?)  (\d+) bytes$", res.stdout, re.MULTILINE)}
+
+
+# --- another tool: the plain SDK, without blobfs's store adapter -----------------------------
+def _bucket_and_name(env: StoreEnv, key: str) -> tuple[str, str]:
+    where = env.url.split("://", 1)[1]
+    bucket, _, prefix = where.partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/{key}" if prefix else key
+
+
+def sdk_put(env: StoreEnv, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Write `key` as another program would: one boto3 `put_object` or one Azure
+    `upload_blob` (Put Blob: no block list), with exactly `metadata` as its metadata."""
+    bucket, name = _bucket_and_name(env, key)
+    if env.name == "s3":
+        from tests.support.s3_env import s3_client
+
+        assert env.endpoint is not None
+        s3_client(env.endpoint).put_object(Bucket=bucket, Key=name, Body=data,
+                                           Metadata=metadata or {})
+    elif env.name == "az":
+        from azure.storage.blob import BlobServiceClient
+
+        from tests.support.azure_env import ENV_VAR
+
+        with BlobServiceClient.from_connection_string(env.env[ENV_VAR]) as service:
+            service.get_blob_client(bucket, name).upload_blob(data, overwrite=True,
+                                                              metadata=metadata or {})
+    else:
+        raise ValueError(f"no SDK for a {env.name} store")
+
+
+def sdk_metadata(env: StoreEnv, key: str) -> dict[str, str]:
+    """The user metadata of `key`'s current version, as the SDK shows it."""
+    bucket, name = _bucket_and_name(env, key)
+    if env.name == "s3":
+        from tests.support.s3_env import s3_client
+
+        assert env.endpoint is not None
+        return dict(s3_client(env.endpoint).head_object(Bucket=bucket, Key=name)["Metadata"])
+    if env.name == "az":
+        from azure.storage.blob import BlobServiceClient
+
+        from tests.support.azure_env import ENV_VAR
+
+        with BlobServiceClient.from_connection_string(env.env[ENV_VAR]) as service:
+            return dict(service.get_blob_client(bucket, name).get_blob_properties().metadata)
+    raise ValueError(f"no SDK for a {env.name} store")

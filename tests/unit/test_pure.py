@@ -21,7 +21,7 @@ from blobfs.errors import (
 )
 from blobfs.fs.extents import RangeSet
 from blobfs.store.base import Range, base_segments
-from blobfs.types import ETag, ObjectMeta, is_append_of
+from blobfs.types import META_STREAM, ETag, ObjectMeta, is_append_of, rooted_stream
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 50)), max_size=20),
@@ -87,6 +87,18 @@ def test_lineage() -> None:
     assert not is_append_of(rewritten, old)
     assert not is_append_of(foreign, old)
     assert not is_append_of(shrunk, old)
+
+
+def test_lineage_rooted_in_a_version_another_tool_wrote() -> None:
+    """The first append onto a foreign version takes a stream id derived from it."""
+    sdk = ObjectMeta("k", 10, ETag("a"), 0, {})
+    grown = ObjectMeta("k", 20, ETag("b"), 0, {META_STREAM: rooted_stream(sdk)})
+    later = ObjectMeta("k", 30, ETag("c"), 0, {META_STREAM: rooted_stream(sdk)})
+    other_sdk = ObjectMeta("k", 10, ETag("z"), 0, {})
+    assert is_append_of(grown, sdk) and is_append_of(later, sdk)
+    assert not is_append_of(grown, other_sdk)  # rooted in another version
+    assert not is_append_of(ObjectMeta("k", 20, ETag("d"), 0, {}), sdk)
+    assert not is_append_of(ObjectMeta("k", 5, ETag("e"), 0, dict(grown.metadata)), sdk)
 
 
 def test_replay_splits_writes_at_the_commit_record() -> None:

@@ -84,6 +84,15 @@ class BlockCache:
             _, evicted = self._blocks.popitem(last=False)
             self.used -= len(evicted)
 
+    def last_block_nowait(self, key: str, etag: ETag) -> tuple[int, Block] | None:
+        """The highest-numbered cached block of version (key, etag), without touching the
+        LRU order: the bytes a reader of that version saw last (a tail reader's end)."""
+        found: tuple[int, Block] | None = None
+        for (k, e, block_no), data in self._blocks.items():
+            if k == key and e == etag and (found is None or block_no > found[0]):
+                found = block_no, data
+        return found
+
     def contains(self, bkey: BlockKey) -> bool:
         return bkey in self._blocks or bkey in self._inflight
 

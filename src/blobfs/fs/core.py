@@ -38,6 +38,9 @@ READ_AHEAD_RUN = 8
 #: How far from the previous read's end a read still counts as sequential: the kernel's
 #: concurrent read-ahead requests arrive slightly out of order.
 SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
+#: How many bytes a reader compares before following a claimed append: enough to catch a
+#: rewrite of the text it just read, one small ranged GET.
+SEAM = 4096
 
 
 XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
@@ -327,9 +330,11 @@ class Filesystem:
         if old is None or new.etag == old.etag:
             inode.meta = new
             return inode
-        appended = await self.store.proves_append(old, new)
+        appended = await self._proves_append(old, new)
         if inode.meta is not old or inode.retired:
             return self.inodes.by_key(inode.key) or inode  # updated while we checked
+        if appended is None:
+            return inode  # `new` moved on while we checked: the next refresh decides
         if appended:
             self.cache.alias_nowait(inode.key, old.etag, new.etag, old.size)
             inode.meta = new
@@ -361,6 +366,36 @@ class Filesystem:
         self._drop_listing(inode.parent_key)
         # The kernel's pages are of the old version: reads inside it must reach us.
         self._invalidate(inode.ino)
+
+    async def _proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool | None:
+        """Whether `new` extends `old`: the store's proof (lineage, block lists), then the
+        bytes this mount served of `old` checked against `new` (issue 13 item 12).
+
+        Lineage is metadata anyone who can write the bucket can copy, so before cached bytes
+        of `old` are served as `new`'s, the last SEAM bytes of the highest cached block of
+        `old` are read from `new` (one small ranged GET per observed change) and compared.
+        None: `new` was itself replaced while we checked, so nothing is decided.
+        """
+        if not await self.store.proves_append(old, new):
+            return False
+        seen = self.cache.last_block_nowait(old.key, old.etag)
+        if seen is None:
+            return True  # nothing of `old` is cached here, so nothing can be mixed
+        block_no, data = seen
+        start = block_no * CACHE_BLOCK
+        end = min(start + len(data), old.size)
+        lo = max(start, end - SEAM)
+        if end <= lo:
+            return True
+        try:
+            fresh = await self.store.read(new.key, new.etag, lo, end - lo)
+        except (PreconditionFailed, NotFound):
+            return None
+        if fresh == bytes(data[lo - start : end - start]):
+            return True
+        log.warning("%s claims to append to the version this mount read, but bytes %d-%d "
+                    "differ: treated as replaced", new.key, lo, end)
+        return False
 
     def _retire(self, inode: Inode) -> None:
         """Detach a replaced or deleted blob's inode from its name, frozen at its last

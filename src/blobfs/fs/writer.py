@@ -27,7 +27,7 @@ from blobfs.errors import NotFound, PreconditionFailed, StoreError, commit_faile
 from blobfs.fs.epoch import Epoch, merge
 from blobfs.fs.spool import COMPACT_AT, SpoolEntry
 from blobfs.store.base import BlockUpload, ObjectStore, Range
-from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta
+from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta, rooted_stream
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ REBASE_PAUSE_MAX = 0.5
 
 def new_stream() -> str:
     return uuid.uuid4().hex
+
+
+def lineage_of(base: ObjectMeta | None) -> str:
+    """The stream id appends onto `base` carry: its own, or for a version another tool
+    wrote one derived from it, so readers pinned to that version can follow (SPEC §3)."""
+    if base is None:
+        return new_stream()
+    return base.stream or rooted_stream(base)
 
 
 def base_record(meta: ObjectMeta | None) -> dict[str, Any] | None:
@@ -97,7 +105,7 @@ class FileWriter:
         #: sends them, so commits of many files at once must not run all at once.
         self._commit_limiter = commit_limiter
         self.size = base.size if base else 0
-        self.stream = (base.stream if base else None) or new_stream()
+        self.stream = lineage_of(base)
         self.epoch = Epoch.fresh(self.size)
         #: The epoch a commit is sending right now; its bytes are still readable here.
         self.inflight: Epoch | None = None
