@@ -17,8 +17,12 @@ failed half-way (disk full) is cut off again, so the journal never holds a torn 
 followed by more records. The journal is rewritten (new file + rename) when it grows
 large or pending data moves (rebase), so the switch is atomic.
 
-Disk work runs in worker threads: a write can stall on writeback, which must never stall
-the trio loop. Must not know: FUSE, SDKs, the inode table.
+Disk work runs in worker threads: a large write can stall on writeback, which must not
+stall the trio loop. Small writes (up to INLINE_MAX, a log line) are the exception: their
+pwrite and record run on the trio thread, because handing them to a worker cost more
+than the write itself (a thread hop and a GIL hand-off, ~4x a logger's write() latency;
+issue 12). Both are a few µs into the page cache, which is all a daemon kill -9 needs.
+Must not know: FUSE, SDKs, the inode table.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from blobfs.errors import UsageError
 _limiter = trio.CapacityLimiter(4)
 #: Rewrite a journal once it passes this many bytes (keeps replay fast).
 COMPACT_AT = 1 << 20
+#: Writes up to this size go to the spool on the trio thread (see the module docstring).
+INLINE_MAX = 32 << 10
 #: Writes at least this large that extend the data file allocate their blocks first.
 PREALLOC_MIN = 64 << 10
 _FALLOC_FL_KEEP_SIZE = 1
@@ -224,6 +230,9 @@ class SpoolEntry:
     # --- async API (worker threads) ------------------------------------------------------
     async def write(self, off: int, data: bytes) -> None:
         """Raises OSError (ENOSPC when the spool disk is full)."""
+        if len(data) <= INLINE_MAX:
+            self._write_sync(off, data)
+            return
         await trio.to_thread.run_sync(self._write_sync, off, data, limiter=_limiter)
 
     async def truncate(self, size: int) -> None:
