@@ -24,12 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchlib import report, scale, workloads
+from benchlib import loggers, report, scale, workloads
 from benchlib.common import ROOT, BenchError, MiB, is_mounted, lazy_unmount, log
 from benchlib.stores import Backend
 from benchlib.targets import Rclone, Target, by_name, strip_version_null
 
-DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss")
+DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss", "nginx", "pylog")
 #: The scale rows (issue 15) run only when asked for: --only list,idle,commits,fuse-ceiling.
 WORKLOADS = (*DEFAULT_WORKLOADS, *scale.SCALE_WORKLOADS)
 PEERS = ("s3fs", "rclone", "rclone-writes")
@@ -220,6 +220,8 @@ RUNNERS: dict[str, Callable[[workloads.Ctx, Target, Backend], dict[str, Any]]] =
     "tail": workloads.live_tail,
     "ready": workloads.ready,
     "rss": workloads.memory,
+    "nginx": loggers.nginx,
+    "pylog": loggers.python_logging,
 }
 
 
