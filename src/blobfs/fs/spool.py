@@ -243,8 +243,10 @@ class SpoolEntry:
         return await trio.to_thread.run_sync(self._read_sync, off, size, limiter=_limiter)
 
     async def record(self, **record: Any) -> None:
-        """Append a P/C/F record."""
-        await trio.to_thread.run_sync(self._append_sync, record, limiter=_limiter)
+        """Append a P/C/F/U record: one short line, written on the trio thread like a small
+        write (a commit's P record is written while writes to the file wait)."""
+        self._append_sync(record)
+        await trio.lowlevel.checkpoint()
 
     async def remove(self) -> None:
         await trio.to_thread.run_sync(self._close_sync, True, limiter=_limiter)
