@@ -305,6 +305,11 @@ class Filesystem:
             new = None
         if (inode.meta, inode.gen) != seen:
             return  # someone else (a commit, another refresh) updated it meanwhile
+        w = inode.writer
+        if w is not None and (w.commit_lock.locked() or (
+                new is not None and w.base is not None and new.etag == w.base.etag)):
+            # Our own commit, seen before `_commit` recorded it: not a remote replace.
+            return
         inode.checked_at = trio.current_time()
         await self._observe(inode, new)
 

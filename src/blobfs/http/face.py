@@ -131,8 +131,13 @@ class HttpFace:
                 await self._handle(ex, req)
                 if ex.must_close() or not ex.request_done():
                     break
-        except (ClientGone, Abort, Dropped, Aborted) as exc:
+        except Dropped as exc:
+            log.info("%s", exc)
+        except (ClientGone, Abort, Aborted) as exc:
             log.debug("connection ends: %s", exc or type(exc).__name__)
+        except Exception:
+            # A bug must cost one connection, never the daemon (nor the mount).
+            log.exception("HTTP connection failed")
         finally:
             await ex.aclose()
 
@@ -268,7 +273,7 @@ class HttpFace:
         head = req.method == "HEAD"
         split_key(key)
         follow = req.query.get("follow", "") not in ("", "0", "false")
-        async with opened(self.fs, key) as (fh, _attr):
+        async with opened(self.fs, self.hub.resolver, key) as (fh, _attr):
             v = await self.fs.version(fh)
             tag = etag_of(v)
             headers = [*self._validators(key, v), *self._cors(req, req.method)]
@@ -357,7 +362,7 @@ class HttpFace:
                     ("X-Content-Type-Options", "nosniff")]
         await ex.start(200, headers)
         how = await self.hub.follow(key, fh, first, idle=max(idle, 0.0),
-                                    send=lambda data: self._send(ex, data))
+                                    sink=_Body(self, ex))
         await ex.end()
         log.debug("follow %s ended: %s", key, how)
         return 200
@@ -395,7 +400,7 @@ class HttpFace:
 
     async def _view(self, ex: Exchange, req: Request, key: str) -> int:
         split_key(key)
-        async with opened(self.fs, key):
+        async with opened(self.fs, self.hub.resolver, key):
             pass  # 404 for a missing file, before a page that would only show an error
         body = pages.viewer(key, req.query.get("token")).encode()
         await ex.respond(200, [("Content-Type", "text/html; charset=utf-8"),
@@ -429,6 +434,7 @@ class HttpFace:
         except FsError as exc:
             return await self._fs_error(ex, req, exc)
         self.hub.unmark_finished(key)
+        self.hub.resolver.drop(key)
         off = 0
         gone: Exception | None = None
         version: Version | None = None
@@ -503,3 +509,22 @@ class HttpFace:
         finally:
             for t in taken:
                 fs.forget(t, 1)
+
+
+class _Body:
+    """A follow response's body as a `files.Sink`."""
+
+    def __init__(self, face: HttpFace, ex: Exchange) -> None:
+        self._face = face
+        self._ex = ex
+        stream = ex.stream
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+
+    async def send(self, data: bytes | memoryview) -> None:
+        await self._face._send(self._ex, data)
+
+    async def send_framed(self, data: bytes | memoryview) -> None:
+        with trio.move_on_after(SEND_TIMEOUT) as scope:
+            await self._ex.send_raw(data)
+        if scope.cancelled_caught:
+            raise ClientGone("the client stopped reading")

@@ -22,8 +22,9 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -40,6 +41,8 @@ BACKLOG_LIMIT = 8 << 20
 RETAIN = BACKLOG_LIMIT + (2 << 20)
 #: Largest read a tail makes at once.
 TAIL_READ = 1 << 20
+#: A follower joins short pieces into one send up to this size.
+COALESCE = 64 << 10
 #: Largest piece a follower catching up reads through its own handle.
 CATCH_UP_READ = 256 << 10
 #: Finished logs remembered (so a late follower ends instead of waiting for `idle`).
@@ -83,17 +86,87 @@ async def looked_up(fs: Filesystem, parts: list[str]) -> AsyncIterator[Attr | No
             fs.forget(ino, 1)
 
 
+class Resolver:
+    """Key -> file inode, cached for metadata_ttl like the kernel's entry cache.
+
+    A thousand followers connecting at once cost one lookup (HEAD + LIST on the store),
+    not a thousand. A cached entry holds one lookup reference on its inode, so the inode
+    number stays valid until the entry is evicted.
+    """
+
+    def __init__(self, fs: Filesystem, ttl: float, size: int = 1024) -> None:
+        self._fs = fs
+        self._ttl = ttl
+        self._size = size
+        self._cache: collections.OrderedDict[str, tuple[Attr, float]] = \
+            collections.OrderedDict()
+        self._inflight: dict[str, tuple[trio.Event, list[FsError]]] = {}
+
+    def _evict(self, key: str) -> None:
+        attr, _ = self._cache.pop(key)
+        self._fs.forget(attr.ino, 1)
+
+    async def file(self, key: str) -> Attr:
+        """The attributes of file `key`.
+
+        Raises:
+            FsError: ENOENT (missing, or not a valid key), EISDIR, and the store's errors.
+        """
+        parts = split_key(key)
+        while True:
+            hit = self._cache.get(key)
+            if hit is not None:
+                if trio.current_time() < hit[1] and self._fs.inodes.get(hit[0].ino):
+                    self._cache.move_to_end(key)
+                    return hit[0]
+                self._evict(key)
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            done, failure = pending
+            await done.wait()
+            if failure:
+                raise failure[0]  # the same answer as the lookup we waited for
+        done, failure = self._inflight[key] = (trio.Event(), [])
+        try:
+            async with looked_up(self._fs, parts) as attr:
+                assert attr is not None
+                if attr.is_dir:
+                    raise FsError(errno.EISDIR)
+                self._fs.remember(attr.ino)  # the cache entry's own reference
+            self._cache[key] = (attr, trio.current_time() + self._ttl)
+            while len(self._cache) > self._size:
+                self._evict(next(iter(self._cache)))
+            return attr
+        except FsError as exc:
+            failure.append(exc)
+            raise
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    def drop(self, key: str) -> None:
+        """Forget `key` (it was just made or replaced here)."""
+        if key in self._cache:
+            self._evict(key)
+
+
 @contextlib.asynccontextmanager
-async def opened(fs: Filesystem, key: str) -> AsyncIterator[tuple[int, Attr]]:
+async def opened(fs: Filesystem, resolver: Resolver,
+                 key: str) -> AsyncIterator[tuple[int, Attr]]:
     """A read handle on file `key` (released after, even when cancelled).
 
     Raises:
         FsError: ENOENT (missing), EISDIR, and the store's errors.
     """
-    async with looked_up(fs, split_key(key)) as attr:
-        assert attr is not None
-        if attr.is_dir:
-            raise FsError(errno.EISDIR)
+    attr = await resolver.file(key)
+    try:
+        fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+    except FsError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        resolver.drop(key)  # a stale entry (the file went away): look it up afresh
+        attr = await resolver.file(key)
         fh, _ = await fs.open(attr.ino, os.O_RDONLY)
     try:
         yield fh, attr
@@ -102,13 +175,37 @@ async def opened(fs: Filesystem, key: str) -> AsyncIterator[tuple[int, Attr]]:
             await fs.release(fh)
 
 
+class Sink(Protocol):
+    """Where a follower's bytes go: the response body of one HTTP exchange."""
+
+    #: A plain socket's descriptor the tail may write framed chunks to directly while
+    #: the follower is parked (None: TLS, or no such shortcut).
+    fd: int | None
+
+    async def send(self, data: bytes | memoryview) -> None:
+        """Send body bytes (framed as a chunk by the protocol layer)."""
+
+    async def send_framed(self, data: bytes | memoryview) -> None:
+        """Send bytes already framed as chunks (what a direct write left over)."""
+
+
+def frame(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 @dataclass(eq=False)
 class Follower:
     pos: int
+    sink: Sink
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Reading from the tail's shared chunks (not catching up through its own handle).
     live: bool = False
     dropped: bool = False
+    #: Set by the tail when a parked follower must run again.
+    event: trio.Event = field(default_factory=trio.Event)
+    #: Framed bytes a direct write could not finish; sent first when the task runs.
+    leftover: memoryview | None = None
 
 
 class Tail:
@@ -125,6 +222,10 @@ class Tail:
         #: None while live; "finished", "aborted" or "closed" (nobody left) once over.
         self.state: str | None = None
         self.followers: set[Follower] = set()
+        #: Caught-up followers whose tasks sleep: the tail writes new chunks straight to
+        #: their sockets, so a growth costs one syscall per follower and no task switch.
+        self.parked: set[Follower] = set()
+        self.last_growth = trio.current_time()
         #: The content changed other than by an append since the tail started.
         self.rewritten = False
         self.running = False
@@ -158,6 +259,42 @@ class Tail:
     def _publish(self) -> None:
         self._grew.set()
         self._grew = trio.Event()
+        if self.state is not None:
+            for f in self.parked:
+                f.event.set()
+            self.parked.clear()
+
+    def park(self, f: Follower) -> bool:
+        """Let the tail write to `f` directly while `f` is caught up; False if it can't."""
+        if f.sink.fd is None or f.pos != self.end or self.state is not None:
+            return False
+        f.event = trio.Event()
+        f.live = True
+        self.parked.add(f)
+        return True
+
+    def _fan_out(self, off: int, data: bytes) -> None:
+        """Write the new chunk at `off` straight to every parked follower's socket."""
+        if not self.parked:
+            return
+        framed = frame(data)
+        for f in list(self.parked):
+            n = 0
+            if f.pos == off:
+                try:
+                    n = os.write(f.sink.fd, framed)  # type: ignore[arg-type]
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    n = -1  # its task finds the broken connection
+            if n == len(framed):
+                f.pos += len(data)
+                continue
+            if n > 0:
+                f.leftover = memoryview(framed)[n:]
+                f.pos += len(data)
+            self.parked.discard(f)
+            f.event.set()
 
     def _finish(self, state: str) -> None:
         if self.state is None:
@@ -199,7 +336,9 @@ class Tail:
                 break
             self._offsets.append(self.end)
             self._chunks.append(data)
+            self._fan_out(self.end, data)
             self.end += len(data)
+            self.last_growth = trio.current_time()
             while self._offsets and self.end - (self._offsets[0] + len(self._chunks[0])) \
                     > RETAIN:
                 self._offsets.pop(0)
@@ -232,6 +371,7 @@ class Hub:
         #: Keys a PUT on this server is writing (a second PUT gets 409).
         self.putting: set[str] = set()
         self.poll = max(fs.cfg.metadata_ttl / 2, 0.05)
+        self.resolver = Resolver(fs, fs.cfg.metadata_ttl)
         fs.on_change = self._changed
 
     def _changed(self, inode: Inode, rewrite: bool) -> None:
@@ -264,11 +404,8 @@ class Hub:
         tail = self._tails.get(key)
         if tail is not None and tail.state is None:
             return tail
-        async with looked_up(self.fs, split_key(key)) as attr:
-            assert attr is not None
-            if attr.is_dir:
-                raise FsError(errno.EISDIR)
-            fh, _ = await self.fs.open(attr.ino, os.O_RDONLY)
+        attr = await self.resolver.file(key)
+        fh, _ = await self.fs.open(attr.ino, os.O_RDONLY)
         try:
             version = await self.fs.version(fh)
         except BaseException:
@@ -294,8 +431,8 @@ class Hub:
             del self._tails[tail.key]
 
     async def follow(self, key: str, fh: int, start: int, *, idle: float,
-                     send: Callable[[memoryview | bytes], object]) -> str:
-        """Send `key` from `start` as it grows, through `send` (an async callable).
+                     sink: Sink) -> str:
+        """Send `key` from `start` as it grows, into `sink`.
 
         `fh` is the follower's own handle (opened before the response started), used to
         catch up to the tail's shared window.
@@ -309,38 +446,68 @@ class Hub:
             FsError: from reads through `fh`.
         """
         tail = await self.tail_for(key)
-        me = Follower(start)
+        me = Follower(start, sink)
         tail.followers.add(me)
         self.start(tail)
         try:
             with me.scope:
-                return await self._feed(tail, me, fh, idle, send)
-            raise Dropped
+                return await self._feed(tail, me, fh, idle)
+            raise Dropped(f"a follower of {key} fell behind by more than "
+                          f"{BACKLOG_LIMIT >> 20} MiB: dropped")
         finally:
+            tail.parked.discard(me)
             tail.followers.discard(me)
             if not tail.followers:
                 tail.wake(False)  # lets its reader see nobody is left and stop
 
-    async def _feed(self, tail: Tail, me: Follower, fh: int, idle: float,
-                    send: Callable[[memoryview | bytes], object]) -> str:
+    async def _feed(self, tail: Tail, me: Follower, fh: int, idle: float) -> str:
+        sink = me.sink
         while True:
+            if me.leftover is not None:
+                rest, me.leftover = me.leftover, None
+                await sink.send_framed(rest)
             if tail.state not in (None, "finished"):
                 raise Aborted
             piece = tail.slice(me.pos, TAIL_READ)
             if piece is not None:
                 me.live = True
-                await send(piece)  # type: ignore[misc]
-                me.pos += len(piece)
+                # Everything available goes out in one send while small: a follower that
+                # fell behind by many short writes catches up in one syscall.
+                pieces = [piece]
+                total = len(piece)
+                while total < COALESCE:
+                    more = tail.slice(me.pos + total, COALESCE)
+                    if more is None:
+                        break
+                    pieces.append(more)
+                    total += len(more)
+                await sink.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                me.pos += total
                 continue
             if me.pos < tail.base:
                 me.live = False
                 data = await self.fs.read(fh, me.pos, min(CATCH_UP_READ, tail.base - me.pos))
                 if tail.state == "aborted" or tail.rewritten or not len(data):
                     raise Aborted
-                await send(data)  # type: ignore[misc]
+                await sink.send(data)
                 me.pos += len(data)
                 continue
             if tail.state == "finished":
                 return "finished"
-            if not await tail.wait_growth(me.pos, idle):
+            if not await self._wait(tail, me, idle):
                 return "idle"
+
+    async def _wait(self, tail: Tail, me: Follower, idle: float) -> bool:
+        """Sleep until there is work for `me`; False once the log was idle `idle` s."""
+        if not tail.park(me):
+            return await tail.wait_growth(me.pos, idle)
+        try:
+            while True:
+                left = tail.last_growth + idle - trio.current_time()
+                if left <= 0:
+                    return False
+                with trio.move_on_after(left):
+                    await me.event.wait()
+                    return True
+        finally:
+            tail.parked.discard(me)

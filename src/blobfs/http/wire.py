@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 #: Bytes asked of the socket per receive: a PUT body arrives in pieces up to this size.
 RECEIVE_SIZE = 256 * 1024
+#: Body pieces up to this size go out as one buffer with their chunk framing.
+COALESCE = 64 * 1024
 #: Seconds a client may take to send a request head (slow clients hold a socket, no more).
 HEAD_TIMEOUT = 60.0
 
@@ -132,9 +134,17 @@ class Exchange:
     async def write(self, data: bytes | memoryview) -> None:
         if not len(data):
             return
-        pieces = self.conn.send_with_data_passthrough(h11.Data(data=data))
-        await self._send(pieces or [])
+        pieces = self.conn.send_with_data_passthrough(h11.Data(data=data)) or []
+        if len(data) <= COALESCE:
+            # One syscall (and one trip through trio) instead of three: with a thousand
+            # followers of a log written line by line, this is most of the server's work.
+            pieces = [b"".join(pieces)]
+        await self._send(pieces)
         self.sent += len(data)
+
+    async def send_raw(self, data: bytes | memoryview) -> None:
+        """Bytes already framed for the body in progress (chunks made elsewhere)."""
+        await self._send([data])
 
     async def end(self) -> None:
         await self._send([self.conn.send(h11.EndOfMessage()) or b""])
