@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-
 #: When every follower had its response head: lines written before that do not count.
 READY_AT = [float("inf")]
 
