@@ -129,7 +129,7 @@ class HttpFace:
                 if req is None:
                     break
                 await self._handle(ex, req)
-                if ex.must_close() or not ex.request_done():
+                if not ex.request_done() or ex.must_close():
                     break
         except Dropped as exc:
             log.info("%s", exc)

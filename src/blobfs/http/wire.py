@@ -164,7 +164,17 @@ class Exchange:
             self.conn.their_state not in (h11.DONE, h11.IDLE)
 
     def request_done(self) -> bool:
-        """Whether the client's request (with its body) has been read completely."""
+        """Whether the client's request (with its body) has been read completely.
+
+        A request without a body is done once h11 has reported its end, which needs no
+        more bytes: ask for it. A body left unread means the connection must close.
+        """
+        if self.conn.their_state is h11.SEND_BODY:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            return isinstance(event, h11.EndOfMessage)
         return self.conn.their_state is h11.DONE
 
     async def aclose(self) -> None:
