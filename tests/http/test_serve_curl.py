@@ -4,7 +4,6 @@ tokens, 409, abort on replace and delete, listings, a PUT that loses its client.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,9 +16,6 @@ import trio
 from tests.support.envs import StoreEnv
 from tests.support.http_serve import StreamingPut, served
 from tests.support.waiting import wait_for
-
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/curl"), reason="needs curl")
-
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", "--noproxy", "*", *args], capture_output=True,
