@@ -17,6 +17,7 @@ from tests.support.envs import StoreEnv
 from tests.support.http_serve import StreamingPut, served
 from tests.support.waiting import wait_for
 
+
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", "--noproxy", "*", *args], capture_output=True,
                           timeout=timeout, check=False)
