@@ -132,7 +132,8 @@ OPTIONS: dict[str, Option] = {
         Option("http_cert", str, None, "PEM certificate (chain) file: serve HTTPS"),
         Option("http_key", str, None, "PEM private key file for http_cert"),
         Option("http_cors", str, None,
-               "origin allowed cross-origin (default: * for GET/HEAD only)"),
+               "origin allowed cross-origin for GET, HEAD and PUT; unset: any origin, "
+               "GET and HEAD only"),
     ]
 }
 
