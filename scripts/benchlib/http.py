@@ -136,7 +136,9 @@ def http_face(ctx: Ctx, target: Target, backend: Backend) -> dict[str, Any]:
 
     def face() -> tuple[Blobfs, int]:
         port = _free_port()
-        return Blobfs([f"http=127.0.0.1:{port}", f"http_write_token_file={tok}"]), port
+        t = Blobfs([f"http=127.0.0.1:{port}", f"http_write_token_file={tok}"])
+        t.name = "blobfs-http"  # its logs and state are named after it
+        return t, port
 
     # 1. A full GET through the face, cold, then dd from a fresh mount, cold.
     t, port = face()
