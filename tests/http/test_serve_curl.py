@@ -266,8 +266,8 @@ def test_follow_aborts_on_replace_and_delete(file_env: StoreEnv, tmp_path: Path,
 def test_follow_across_servers(store_env: StoreEnv, tmp_path: Path,
                                tokens: dict[str, str]) -> None:
     """The writer streams into server A; a follower on server B (another process, as on
-    another host; on every store) sees each commit within commit_interval + metadata_ttl, every byte in
-    order, and its stream ends cleanly after `idle=` once the growth stops."""
+    another host; on every store) sees each commit within commit_interval + metadata_ttl,
+    every byte in order, and its stream ends cleanly after `idle=` once growth stops."""
     with served(store_env, tmp_path, f"http_write_token_file={tokens['write']}",
                 "commit_interval=0.2", name="a") as a, \
             served(store_env, tmp_path, "metadata_ttl=0.2", name="b") as b:
