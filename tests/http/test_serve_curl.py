@@ -305,3 +305,30 @@ def test_follow_across_servers(store_env: StoreEnv, tmp_path: Path,
           f" max {lags[-1]:.2f} s")
     # commit_interval + metadata_ttl, with a loaded machine's margin.
     assert lags[len(lags) // 2] < 2.0
+
+
+def test_get_is_pinned_to_one_version(file_env: StoreEnv, tmp_path: Path,
+                                      tokens: dict[str, str]) -> None:
+    """A slow GET of a file that is replaced mid-response is cut (curl exit 18) and what
+    it got is a prefix of the old version: never bytes of the new one."""
+    root = Path(file_env.url.removeprefix("file://"))
+    old = b"".join(b"old %07d\n" % i for i in range(400_000))  # 4.8 MB
+    (root / "big.log").write_bytes(old)
+    with served(file_env, tmp_path, f"http_write_token_file={tokens['write']}",
+                "metadata_ttl=0.2") as srv:
+        slow = subprocess.Popen(["curl", "-sS", "--noproxy", "*", "--limit-rate", "1M",
+                                 f"{srv.url}/files/big.log"], stdout=subprocess.PIPE)
+        assert slow.stdout is not None
+        first = slow.stdout.read(100_000)  # the response is under way
+        # Replaced here by a PUT of as many bytes: a read past the old offsets would find
+        # new bytes there, so only the rewrite tells the response to stop.
+        (tmp_path / "new.log").write_bytes(old.replace(b"old", b"NEW"))
+        res = curl("-T", str(tmp_path / "new.log"), "-H", "Authorization: Bearer w-secret-456",
+                   f"{srv.url}/files/big.log")
+        assert json.loads(res.stdout)["size"] == len(old)
+        rest = slow.stdout.read()  # (communicate would skip what the reader buffered)
+        slow.wait(60)
+    got = first + rest
+    assert slow.returncode == 18 and len(got) < len(old)
+    bad = next((i for i, (x, y) in enumerate(zip(got, old, strict=False)) if x != y), None)
+    assert bad is None, (bad, got[bad - 40 : bad + 40] if bad else b"")

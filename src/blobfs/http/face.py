@@ -18,6 +18,7 @@ import logging
 import mimetypes
 import os
 import time
+from collections.abc import Callable
 from email.utils import formatdate, parsedate_to_datetime
 from html import escape
 
@@ -312,7 +313,8 @@ class HttpFace:
             headers.append(("Content-Length", str(length)))
             await ex.start(status, headers)
             if not head:
-                await self._send_range(ex, fh, first, length)
+                with self.hub.watching(key) as rewritten:
+                    await self._send_range(ex, fh, first, length, rewritten)
             await ex.end()
             return status
 
@@ -329,7 +331,8 @@ class HttpFace:
             return False
         return not v.pending and int(when) == int(v.mtime)
 
-    async def _send_range(self, ex: Exchange, fh: int, first: int, length: int) -> None:
+    async def _send_range(self, ex: Exchange, fh: int, first: int, length: int,
+                          rewritten: Callable[[], bool]) -> None:
         off, end = first, first + length
         while off < end:
             # Block-aligned pieces come out of the cache as views, without a copy.
@@ -339,8 +342,8 @@ class HttpFace:
             except FsError as exc:
                 # Replaced or deleted mid-response: never continue with other bytes.
                 raise Abort(f"{exc}") from None
-            if not len(data):
-                raise Abort("the file shrank under the reader")
+            if not len(data) or rewritten():
+                raise Abort("the file was rewritten under the reader")
             await self._send(ex, data)
             off += len(data)
 

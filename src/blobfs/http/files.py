@@ -22,7 +22,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -372,12 +372,32 @@ class Hub:
         self.putting: set[str] = set()
         self.poll = max(fs.cfg.metadata_ttl / 2, 0.05)
         self.resolver = Resolver(fs, fs.cfg.metadata_ttl)
+        #: Rewrites seen per key, kept only while a response reads the key.
+        self._rewrites: dict[str, int] = {}
+        self._watchers: dict[str, int] = {}
         fs.on_change = self._changed
 
     def _changed(self, inode: Inode, rewrite: bool) -> None:
+        if rewrite and inode.key in self._rewrites:
+            self._rewrites[inode.key] += 1
         tail = self._tails.get(inode.key)
         if tail is not None:
             tail.wake(rewrite)
+
+    @contextlib.contextmanager
+    def watching(self, key: str) -> Iterator[Callable[[], bool]]:
+        """While a response reads `key`: a function telling whether the file has been
+        rewritten here (truncate, overwrite, replace) since. A local rewrite shows at once
+        in every handle's reads (as on a local disk), so a pinned response must stop."""
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        start = self._rewrites.setdefault(key, 0)
+        try:
+            yield lambda: self._rewrites.get(key, start) != start
+        finally:
+            self._watchers[key] -= 1
+            if not self._watchers[key]:
+                del self._watchers[key]
+                del self._rewrites[key]
 
     def mark_finished(self, key: str, version: Version) -> None:
         self._finished[key] = (version.size, version.etag)
