@@ -305,11 +305,6 @@ class Filesystem:
             new = None
         if (inode.meta, inode.gen) != seen:
             return  # someone else (a commit, another refresh) updated it meanwhile
-        w = inode.writer
-        if w is not None and (w.commit_lock.locked() or (
-                new is not None and w.base is not None and new.etag == w.base.etag)):
-            # Our own commit, seen before `_commit` recorded it: not a remote replace.
-            return
         inode.checked_at = trio.current_time()
         await self._observe(inode, new)
 
@@ -733,8 +728,9 @@ class Filesystem:
             await w.discard()
         self.inodes.maybe_drop(inode)
 
-    async def version(self, fh: int) -> Version:
-        """The version handle `fh` reads, revalidated like a read (at most metadata_ttl old).
+    async def version(self, fh: int, *, refresh: bool = True) -> Version:
+        """The version handle `fh` reads, revalidated like a read (at most metadata_ttl old)
+        unless `refresh` is off (a caller that knows the change was local, and polls).
 
         Raises:
             FsError: EBADF for an unknown handle; the generation's end (ESTALE once the
@@ -742,7 +738,7 @@ class Filesystem:
         """
         h = self._handle(fh)
         inode = h.inode
-        if h.gen == inode.gen:
+        if refresh and h.gen == inode.gen:
             await self._refresh(inode)
         if h.gen != inode.gen:
             raise inode.gen_end[h.gen]  # also at EOF: a follower must not go on

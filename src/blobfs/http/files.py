@@ -116,7 +116,9 @@ class Resolver:
         while True:
             hit = self._cache.get(key)
             if hit is not None:
-                if trio.current_time() < hit[1] and self._fs.inodes.get(hit[0].ino):
+                inode = self._fs.inodes.get(hit[0].ino)
+                # A replaced blob's inode is retired: its name has a new one now.
+                if trio.current_time() < hit[1] and inode is not None and not inode.retired:
                     self._cache.move_to_end(key)
                     return hit[0]
                 self._evict(key)
@@ -307,10 +309,12 @@ class Tail:
         fs = self.hub.fs
         try:
             while self.followers and self.state is None:
-                with trio.move_on_after(poll):
+                with trio.move_on_after(poll) as quiet:
                     await self._wake.wait()
                 self._wake = trio.Event()
-                await self._catch_up(fs)
+                # Woken by a change in this process: read it at once; the store is asked
+                # (one HEAD per metadata_ttl) only on the poll, off the latency path.
+                await self._catch_up(fs, refresh=quiet.cancelled_caught)
         except FsError as exc:
             # ESTALE (replaced) or ENOENT (deleted): the generation ended.
             log.debug("follow %s ends: %s", self.key, exc)
@@ -323,8 +327,8 @@ class Tail:
             with trio.CancelScope(shield=True):
                 await fs.release(self.fh)
 
-    async def _catch_up(self, fs: Filesystem) -> None:
-        version = await fs.version(self.fh)
+    async def _catch_up(self, fs: Filesystem, *, refresh: bool) -> None:
+        version = await fs.version(self.fh, refresh=refresh)
         if self.rewritten or version.size < self.end:
             raise Aborted
         while self.end < version.size:
