@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE = 300.0
 #: Seconds one send may block before the client counts as gone.
 SEND_TIMEOUT = 120.0
+#: Pieces (up to 1 MiB each) a GET reads ahead of what the socket has taken.
+READ_AHEAD = 2
 #: Seconds the final commit of a PUT whose client went away may take.
 PUT_COMMIT_TIMEOUT = 300.0
 
@@ -333,19 +335,44 @@ class HttpFace:
 
     async def _send_range(self, ex: Exchange, fh: int, first: int, length: int,
                           rewritten: Callable[[], bool]) -> None:
-        off, end = first, first + length
-        while off < end:
-            # Block-aligned pieces come out of the cache as views, without a copy.
-            n = min(end - off, CACHE_BLOCK - off % CACHE_BLOCK)
+        """Read and send [first, first+length) through `fh`, reading ahead of the socket by
+        up to READ_AHEAD pieces (a store round trip then overlaps a send)."""
+        pieces, fetched = trio.open_memory_channel[bytes | memoryview](READ_AHEAD)
+        failure: list[BaseException] = []
+
+        async def read_all() -> None:
+            off, end = first, first + length
+            async with pieces:
+                try:
+                    while off < end:
+                        # Block-aligned pieces come out of the cache as views, no copy.
+                        n = min(end - off, CACHE_BLOCK - off % CACHE_BLOCK)
+                        try:
+                            data = await self.fs.read(fh, off, n)
+                        except FsError as exc:
+                            # Replaced or deleted: never continue with other bytes.
+                            raise Abort(f"{exc}") from None
+                        if not len(data):
+                            raise Abort("the file shrank under the reader")
+                        await pieces.send(data)
+                        off += len(data)
+                except (Abort, StoreError) as exc:
+                    failure.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
             try:
-                data = await self.fs.read(fh, off, n)
-            except FsError as exc:
-                # Replaced or deleted mid-response: never continue with other bytes.
-                raise Abort(f"{exc}") from None
-            if not len(data) or rewritten():
-                raise Abort("the file was rewritten under the reader")
-            await self._send(ex, data)
-            off += len(data)
+                async with fetched:
+                    async for data in fetched:
+                        if rewritten():
+                            raise Abort("the file was rewritten under the reader")
+                        await self._send(ex, data)
+            except (Abort, ClientGone) as exc:
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[-1] if isinstance(failure[-1], Abort | ClientGone) else \
+                Abort(str(failure[-1]))
 
     async def _send(self, ex: Exchange, data: bytes | memoryview) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 #: Largest request head we accept.
 MAX_HEAD = 16 * 1024
-#: Bytes asked of the socket per receive: a PUT body arrives in pieces up to this size.
-RECEIVE_SIZE = 256 * 1024
+#: Bytes asked of the socket per receive: a PUT body arrives in pieces up to this size
+#: (what the socket holds: a fast upload comes in large pieces, one spool write each).
+RECEIVE_SIZE = 1024 * 1024
 #: Body pieces up to this size go out as one buffer with their chunk framing.
 COALESCE = 64 * 1024
 #: Seconds a client may take to send a request head (slow clients hold a socket, no more).
