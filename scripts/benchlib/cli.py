@@ -29,7 +29,8 @@ from benchlib.common import ROOT, BenchError, MiB, is_mounted, lazy_unmount, log
 from benchlib.stores import Backend
 from benchlib.targets import Rclone, Target, by_name, strip_version_null
 
-DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss", "nginx", "pylog")
+DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss", "nginx", "pylog",
+                     "http")
 #: The scale rows (issue 15) run only when asked for: --only list,idle,commits,fuse-ceiling.
 WORKLOADS = (*DEFAULT_WORKLOADS, *scale.SCALE_WORKLOADS)
 PEERS = ("s3fs", "rclone", "rclone-writes")
@@ -213,6 +214,12 @@ def _append(ctx: workloads.Ctx, target: Target, backend: Backend) -> dict[str, A
         return workloads.appends(ctx, target, backend, proxy)
 
 
+def _http(ctx: workloads.Ctx, target: Target, backend: Backend) -> dict[str, Any]:
+    from benchlib.http import http_face
+
+    return http_face(ctx, target, backend)
+
+
 RUNNERS: dict[str, Callable[[workloads.Ctx, Target, Backend], dict[str, Any]]] = {
     "write": workloads.seq_write,
     "read": workloads.seq_read,
@@ -222,6 +229,7 @@ RUNNERS: dict[str, Callable[[workloads.Ctx, Target, Backend], dict[str, Any]]] =
     "rss": workloads.memory,
     "nginx": loggers.nginx,
     "pylog": loggers.python_logging,
+    "http": _http,
 }
 
 

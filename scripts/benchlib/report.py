@@ -419,6 +419,9 @@ def write_markdown(out: Path, meta: dict[str, Any], records: Records) -> None:
     caps = caps_section(t, records)
     if caps:
         md += ["## What caps the figures", "", *caps, ""]
+    from benchlib.http import section as http_section
+
+    md += http_section(records)
     cpu = cpu_table(records)
     if len(cpu) > 2:
         md += ["## CPU used during each workload", "",

@@ -42,6 +42,7 @@ usage: blobfs mount SOURCE MOUNTPOINT [-o OPT[=VALUE],...] [-f] [--debug]
        blobfs SOURCE MOUNTPOINT [-o ...]          (the mount(8) / fstab form)
        blobfs unmount MOUNTPOINT
        blobfs status [MOUNTPOINT] [--json] [--watch]
+       blobfs serve SOURCE --listen HOST:PORT [-o ...]   (HTTP, no FUSE: blobfs serve --help)
 
 SOURCE is s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR.
 """
@@ -83,6 +84,10 @@ def parse_mount_args(argv: list[str]) -> MountConfig:
             parse_target(values["metrics"])
         except ValueError as exc:
             raise UsageError(f"bad value for option 'metrics': {exc}") from None
+    if values.get("http"):
+        from blobfs.http.settings import from_options
+
+        from_options(values["http"], argparse.Namespace(**values))  # refused here, exit 2
     if values.get("cache_dir"):
         # The daemon leaves the working directory (chdir /): keep the path meaning the same.
         values["cache_dir"] = os.path.abspath(values["cache_dir"])
@@ -358,6 +363,10 @@ def _run(argv: list[str]) -> int:
             return cmd_unmount(rest)
         if cmd == "umount-helper":
             return cmd_umount_helper(rest)
+        if cmd == "serve":
+            from blobfs.serve import cmd_serve
+
+            return cmd_serve(rest)
         if cmd == "status":
             from blobfs.status import cmd_status
 
@@ -365,7 +374,7 @@ def _run(argv: list[str]) -> int:
         if "://" in cmd:
             # mount(8) calls helpers as: blobfs SOURCE MOUNTPOINT -o opts
             return cmd_mount(argv, via_mount_8=True)
-        raise UsageError(f"unknown command '{cmd}': use mount, unmount, status or recover "
+        raise UsageError(f"unknown command '{cmd}': use mount, unmount, status, serve or recover "
                          "(blobfs --help)")
     except UsageError as exc:
         print(f"blobfs: {exc}", file=sys.stderr)

@@ -123,6 +123,17 @@ OPTIONS: dict[str, Option] = {
         Option("dir_mode", parse_mode, 0o755, "permission bits of directories (octal)"),
         Option("allow_other", parse_bool, False, "let other users see the mount", flag=True),
         Option("read_only", parse_bool, False, "refuse every change", flag=True),
+        # The HTTP face (blobfs.http, docs/design/http.md); `blobfs serve` takes them too.
+        Option("http", str, None, "also serve the mount over HTTP on HOST:PORT"),
+        Option("http_read_token_file", str, None,
+               "file holding the bearer token GET/HEAD need (required off loopback)"),
+        Option("http_write_token_file", str, None,
+               "file holding the bearer token PUT needs (no file: PUT is refused)"),
+        Option("http_cert", str, None, "PEM certificate (chain) file: serve HTTPS"),
+        Option("http_key", str, None, "PEM private key file for http_cert"),
+        Option("http_cors", str, None,
+               "origin allowed cross-origin for GET, HEAD and PUT; unset: any origin, "
+               "GET and HEAD only"),
     ]
 }
 
@@ -204,6 +215,12 @@ class MountConfig:
     dir_mode: int = 0o755
     allow_other: bool = False
     read_only: bool = False
+    http: str | None = None
+    http_read_token_file: str | None = None
+    http_write_token_file: str | None = None
+    http_cert: str | None = None
+    http_key: str | None = None
+    http_cors: str | None = None
     foreground: bool = False
     debug: bool = False
 

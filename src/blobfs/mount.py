@@ -306,6 +306,10 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
                 await control.aclose()
                 control_socket(cfg.mountpoint).unlink(missing_ok=True)
             raise UsageError(f"cannot mount at {cfg.mountpoint}: {exc}", EXIT_FUSE) from None
+        if cfg.http:
+            from blobfs import http as http_face
+
+            await http_face.start(cfg, fs, nursery)  # the mount's own view, over HTTP
         _write_state(cfg, control is not None)
         nursery.start_soon(_watch_signals, fs, notifier, telemetry)
         nursery.start_soon(_announce_ready, cfg, notifier, telemetry, on_ready)

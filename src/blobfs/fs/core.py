@@ -81,6 +81,19 @@ class Handle:
 
 
 @dataclass
+class Version:
+    """What a reader outside FUSE (the HTTP face) is shown of an open file."""
+
+    size: int
+    etag: str | None
+    mtime: float
+    #: Bytes written here and not committed yet are part of `size`.
+    pending: bool
+    #: Handles open for writing on this file in this process.
+    writers: int
+
+
+@dataclass
 class _Listing:
     """One directory as the store paged it, plus this mount's uncommitted creates.
 
@@ -151,6 +164,10 @@ class Filesystem:
         self._commit_limiter = trio.CapacityLimiter(COMMITS_AT_ONCE)
         self._started = time.time()
         self.shutting_down = False
+        #: Called with (inode, rewrite) whenever a file's content or version changes here
+        #: or is observed remotely; `rewrite` means bytes already shown may differ now (not
+        #: an append). The HTTP face wakes its followers with it; it must not block.
+        self.on_change: Callable[[Inode, bool], None] = lambda inode, rewrite: None
         self.stats = {"commits": 0, "commit_errors": 0, "appends_followed": 0,
                       "replaced": 0, "deleted": 0}
 
@@ -322,6 +339,7 @@ class Filesystem:
             else:
                 # Keep the old size: handles of this mount's writer still read their view.
                 inode.deleted = True
+            self.on_change(inode, True)
             return inode
         if inode.deleted:
             inode.deleted = False  # it came back: a new version for new handles
@@ -340,6 +358,7 @@ class Filesystem:
             inode.meta = new
             self.stats["appends_followed"] += 1
             log.debug("%s grew by an append: %d -> %d bytes", inode.key, old.size, new.size)
+            self.on_change(inode, False)
             return inode
         self.stats["replaced"] += 1
         log.warning("%s was replaced remotely; open handles now fail with ESTALE inside "
@@ -366,6 +385,7 @@ class Filesystem:
         self._drop_listing(inode.parent_key)
         # The kernel's pages are of the old version: reads inside it must reach us.
         self._invalidate(inode.ino)
+        self.on_change(inode, True)
 
     async def _proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool | None:
         """Whether `new` extends `old`: the store's proof (lineage, block lists), then the
@@ -689,6 +709,7 @@ class Filesystem:
         w = await self._writer(inode)
         if existing is not None:
             await w.truncate(0)
+            self.on_change(inode, True)
         inode.mtime = time.time()
         inode.lookups += 1
         inode.checked_at = trio.current_time()
@@ -719,6 +740,7 @@ class Filesystem:
             await w.truncate(0)
             inode.mtime = time.time()
             self._arm_timer(inode)
+            self.on_change(inode, True)
         # No timer polls the open file: it is revalidated when used (docs/design/read-path.md
         # "Change detection"), so an idle open file costs no requests.
         h = self._new_handle(inode, flags)
@@ -733,11 +755,34 @@ class Filesystem:
             return
         inode = h.inode
         inode.open_count -= 1
+        if h.writable:
+            self.on_change(inode, False)  # followers end once the last writer is gone
         w = inode.writer
         if w is not None and inode.open_count == 0 and not w.pending and w.error is None:
             inode.writer = None
             await w.discard()
         self.inodes.maybe_drop(inode)
+
+    async def version(self, fh: int, *, refresh: bool = True) -> Version:
+        """The version handle `fh` reads, revalidated like a read (at most metadata_ttl old)
+        unless `refresh` is off (a caller that knows the change was local, and polls).
+
+        Raises:
+            FsError: EBADF for an unknown handle; the generation's end (ESTALE once the
+                blob was replaced, ENOENT once deleted), even at end of file.
+        """
+        h = self._handle(fh)
+        inode = h.inode
+        if refresh and h.gen == inode.gen:
+            await self._refresh(inode)
+        if h.gen != inode.gen:
+            raise inode.gen_end[h.gen]  # also at EOF: a follower must not go on
+        meta = inode.meta
+        w = inode.writer
+        pending = w is not None and (w.pending or w.inflight is not None)
+        writers = sum(1 for o in self._handles.values() if o.inode is inode and o.writable)
+        mtime = inode.mtime or (meta.mtime if meta else self._started)
+        return Version(inode.size, meta.etag if meta else None, mtime, pending, writers)
 
     # --- reads ----------------------------------------------------------------------
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -947,6 +992,7 @@ class Filesystem:
             raise FsError(errno.EBADF, "handle not open for writing")
         inode = h.inode
         w = await self._writer(inode)
+        rewrite = not h.append and off < w.size
         try:
             await w.write(None if h.append else off, data)
         except OSError as exc:
@@ -956,6 +1002,7 @@ class Filesystem:
             raise
         inode.mtime = time.time()
         self._arm_timer(inode)
+        self.on_change(inode, rewrite)
         return len(data)
 
     async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None,
@@ -968,8 +1015,10 @@ class Filesystem:
             await self._refresh(inode)
             w = await self._writer(inode)
             if size != w.size:
+                shrink = size < w.size
                 await w.truncate(size)
                 inode.mtime = time.time()
+                self.on_change(inode, shrink)
             if fh is None and inode.open_count == 0:
                 # truncate(2) on a path: no close will follow to commit it.
                 await self._commit(inode, wait=True)
