@@ -33,7 +33,7 @@ from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
-from blobfs.fs.spool import Spool
+from blobfs.fs.spool import JournalCorrupt, Spool, read_journal
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
 from blobfs.store import open_store
@@ -290,13 +290,18 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                invalidate=invalidate, invalidate_entry=invalidate_entry)
         telemetry.attach(fs)
-        # Finish what a crashed run left in the spool before serving (SPEC §4).
-        report = await recover_spool(store, spool, fs.make_writer)
-        for writer in report.writers:
-            fs.adopt(writer)
-        # Commits like any other: STATUS, `blobfs status` and metrics count them (the
-        # metered store already counted their bytes).
-        fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
+        if cfg.read_only:
+            # A read-only mount never writes to the store, not even a spool's leftovers.
+            telemetry.damaged = await trio.to_thread.run_sync(_report_left_spool, spool)
+        else:
+            # Finish what a crashed run left in the spool before serving (SPEC §4).
+            report = await recover_spool(store, spool, fs.make_writer)
+            telemetry.damaged = report.damaged
+            for writer in report.writers:
+                fs.adopt(writer)
+            # Commits like any other: STATUS, `blobfs status` and metrics count them (the
+            # metered store already counted their bytes).
+            fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
         ops = FuseOps(fs)
         control = await open_control_listener(control_socket(cfg.mountpoint))
         try:
@@ -350,6 +355,24 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         return 1
     log.info("unmounted %s cleanly", cfg.mountpoint)
     return 0
+
+
+def _report_left_spool(spool: Spool) -> list[str]:
+    """Log what a read-only mount leaves in its spool; the damaged journals (blocking)."""
+    keys, damaged = [], []
+    for journal in spool.entries():
+        try:
+            keys.append(read_journal(journal)[0]["key"])
+        except JournalCorrupt as exc:
+            log.error("%s; the entry is kept", exc)
+            damaged.append(str(journal))
+        except OSError as exc:
+            log.warning("cannot read spool journal %s: %s", journal, exc)
+    if keys:
+        log.warning("read_only: %d file(s) pending in the spool at %s are left as they are "
+                    "(mount read-write or run blobfs recover to commit them): %s",
+                    len(keys), spool.root, ", ".join(sorted(keys)))
+    return damaged
 
 
 async def serve_requests(cfg: MountConfig) -> None:

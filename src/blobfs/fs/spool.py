@@ -350,15 +350,90 @@ def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class JournalCorrupt(ValueError):
+    """A journal record that is not the last one is unreadable or invalid: the entry is
+    damaged. Nothing from the damage on may be trusted, so nothing of it is committed."""
+
+    def __init__(self, path: Path, line: int, why: str) -> None:
+        super().__init__(f"spool journal {path} is damaged at line {line}: {why}")
+        self.path = path
+        self.line = line
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _is_base(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, dict) and isinstance(value.get("etag"), str)
+        and _is_count(value.get("size"))
+        and (value.get("stream") is None or isinstance(value.get("stream"), str)))
+
+
+#: Record kind -> what its fields must hold (replay trusts exactly these).
+_FIELDS: dict[str, dict[str, Any]] = {
+    "H": {"key": lambda v: isinstance(v, str) and v != "",
+          "base": _is_base},
+    "W": {"o": _is_count, "n": _is_count},
+    "T": {"s": _is_count},
+    "P": {"id": lambda v: isinstance(v, str), "s": _is_count},
+    "U": {"token": lambda v: isinstance(v, str) and v != ""},
+    "C": {"etag": lambda v: isinstance(v, str), "size": _is_count,
+          "stream": lambda v: v is None or isinstance(v, str)},
+    "F": {},
+}
+
+
+def check_record(record: Any, first: bool) -> str | None:
+    """Why `record` cannot be replayed (None when it can)."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a record"
+    kind = record.get("t")
+    if first != (kind == "H"):
+        return "the first record must be the header, and only the first"
+    fields = _FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return f"unknown record type {kind!r}"
+    if kind == "H" and not isinstance(record.get("source", ""), str):
+        return "field 'source' is invalid"
+    for name, valid in fields.items():
+        if not valid(record.get(name)):
+            return f"field {name!r} of a {kind} record is missing or invalid"
+    return None
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """Records of a journal; a torn last line (crash mid-append) is ignored (blocking)."""
-    records = []
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except ValueError:
-                break
+    """Validated records of a journal (blocking).
+
+    A torn or invalid *last* line is what a crash mid-append leaves: it was never
+    acknowledged, so it is ignored. An invalid line followed by others is damage.
+
+    Raises:
+        JournalCorrupt: an invalid record before the last one, or no valid header.
+        OSError: the journal cannot be read.
+    """
+    records: list[dict[str, Any]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        lines = f.read().split(b"\n")
+    # The piece after the last newline is a torn line (or b"" after a complete one).
+    complete, torn = lines[:-1], lines[-1]
+    bad: tuple[int, str] | None = None
+    for number, raw in enumerate(complete, 1):
+        try:
+            record = json.loads(raw)
+            why = check_record(record, first=not records and bad is None)
+        except ValueError as exc:
+            why = f"not JSON ({exc})"
+        if bad is not None:
+            raise JournalCorrupt(path, bad[0], bad[1])
+        if why is not None:
+            bad = (number, why)
+            continue
+        records.append(record)
+    if bad is not None and (bad[0] == 1 or torn):
+        raise JournalCorrupt(path, bad[0], bad[1])
+    if not records:
+        raise JournalCorrupt(path, 1, "no header")
     return records
