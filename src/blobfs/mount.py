@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,7 @@ from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
-from blobfs.fs.spool import JournalCorrupt, Spool, read_journal
+from blobfs.fs.spool import JournalCorrupt, Spool, ensure_private_dir, read_journal
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
 from blobfs.store import open_store
@@ -57,13 +58,30 @@ EXIT_FUSE = 4
 
 def runtime_dir() -> Path:
     """Where running mounts are recorded: /run/blobfs for root, else under
-    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers)."""
+    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers). Without
+    either, /tmp/blobfs-UID: a name others can guess, so `prepare_runtime_dir` checks it."""
     override = os.environ.get("BLOBFS_RUNTIME_DIR")
     if override:
         return Path(override)
     if os.geteuid() == 0:
         return Path("/run/blobfs")
-    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/blobfs-{os.getuid()}") / "blobfs"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "blobfs"
+    return Path(f"/tmp/blobfs-{os.geteuid()}")
+
+
+def prepare_runtime_dir() -> bool:
+    """Create the runtime directory (0700) or check the one there: ours, and writable by
+    no one else. False, with a warning, when it is not safe to use (blocking)."""
+    path = runtime_dir()
+    try:
+        ensure_private_dir(path, "runtime directory",
+                           hint="set XDG_RUNTIME_DIR or BLOBFS_RUNTIME_DIR to a private one")
+    except UsageError as exc:
+        log.warning("%s; blobfs status and unmount will not find this mount", exc)
+        return False
+    return True
 
 
 def _mount_id(mountpoint: Path) -> str:
@@ -159,13 +177,7 @@ def preflight(cfg: MountConfig) -> None:
     if is_mountpoint(mnt):
         raise UsageError(f"mountpoint {mnt} is busy: something is already mounted there "
                          f"(blobfs unmount {mnt})")
-    try:
-        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(cfg.cache_dir, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable")
-    except OSError as exc:
-        raise UsageError(f"cache_dir {cfg.cache_dir} is not usable: {exc.strerror}; pick "
-                         "another with -o cache_dir=DIR") from None
+    ensure_private_dir(cfg.cache_dir, "cache_dir", follow=True)
 
 
 def _clear_dead_mount(mnt: Path) -> None:
@@ -303,7 +315,9 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
             # metered store already counted their bytes).
             fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
         ops = FuseOps(fs)
-        control = await open_control_listener(control_socket(cfg.mountpoint))
+        runtime_ok = await trio.to_thread.run_sync(prepare_runtime_dir)
+        control = await open_control_listener(control_socket(cfg.mountpoint)) \
+            if runtime_ok else None
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
@@ -311,7 +325,8 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
                 await control.aclose()
                 control_socket(cfg.mountpoint).unlink(missing_ok=True)
             raise UsageError(f"cannot mount at {cfg.mountpoint}: {exc}", EXIT_FUSE) from None
-        _write_state(cfg, control is not None)
+        if runtime_ok:
+            _write_state(cfg, control is not None, spool)
         nursery.start_soon(_watch_signals, fs, notifier, telemetry)
         nursery.start_soon(_announce_ready, cfg, notifier, telemetry, on_ready)
         if control is not None:
@@ -453,21 +468,26 @@ def _raise_readahead(dev: int) -> None:
         log.debug("kernel read-ahead stays at its default (%s: %s)", path, exc)
 
 
-def _write_state(cfg: MountConfig, has_control: bool) -> None:
+def _write_state(cfg: MountConfig, has_control: bool, spool: Spool) -> None:
     """Record the mount for `blobfs status` and `blobfs unmount` (atomically: a reader
-    never sees half a file)."""
+    never sees half a file). The temp file has a random name and is created with
+    O_EXCL | O_NOFOLLOW, so nothing planted under that name is written through."""
+    path = state_file(cfg.mountpoint)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        path = state_file(cfg.mountpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {"pid": os.getpid(), "mountpoint": str(cfg.mountpoint),
                  "source": redact(cfg.source), "cache_dir": str(cfg.cache_dir),
+                 "spool": str(spool.root),
                  "control": str(control_socket(cfg.mountpoint)) if has_control else None,
                  "metrics": redact(cfg.metrics) if cfg.metrics else None,
                  "started_at": time.time()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps(state))
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         log.warning("cannot record the mount in %s: %s", runtime_dir(), exc)
 
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,43 @@ INLINE_MAX = 32 << 10
 #: Writes at least this large that extend the data file allocate their blocks first.
 PREALLOC_MIN = 64 << 10
 _FALLOC_FL_KEEP_SIZE = 1
+
+
+def ensure_private_dir(path: Path, what: str, *, follow: bool = False,
+                       hint: str = "pick another with -o cache_dir=DIR") -> None:
+    """Make `path` a directory only this user can write, or check the one that is there.
+
+    Directories blobfs creates (and their missing parents) get mode 0700; an existing one
+    is never chmod-ed (it may be /tmp). It must be owned by this user and not writable by
+    group or others: a spool another user can write is one they can plant commits in.
+    `follow` lets the path itself be a symbolic link (a configured cache_dir), never the
+    directories inside it (blocking).
+
+    Raises:
+        UsageError: the directory is unsafe or cannot be made (one line, exit 2).
+    """
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for new in reversed(missing):
+            os.mkdir(new, 0o700)
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} is not usable: {exc.strerror}; {hint}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UsageError(f"{what} {path} is {kind}: {hint}")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to the mounting user"
+                         f" ({os.geteuid()}): {hint}")
+    if st.st_mode & 0o022:
+        raise UsageError(f"{what} {path} is writable by group or others (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}): chmod go-w it, or {hint}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} is not writable: {hint}")
 
 
 def source_dir_name(source: str) -> str:
@@ -74,10 +112,11 @@ class Spool:
         Raises:
             UsageError: another running mount of the same source uses this cache_dir.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        for path in (self.cache_dir, self.cache_dir / "spool", self.root):
-            os.chmod(path, 0o700)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        ensure_private_dir(self.cache_dir, "cache_dir", follow=True)
+        ensure_private_dir(self.cache_dir / "spool", "spool")
+        ensure_private_dir(self.root, "spool")
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -133,10 +172,12 @@ class SpoolEntry:
     @classmethod
     def create(cls, root: Path, name: str, key: str, source: str,
                base: dict[str, Any] | None) -> SpoolEntry:
-        data_fd = os.open(root / f"{name}.data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        data_fd = os.open(root / f"{name}.data",
+                          os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         header = _line({"t": "H", "key": key, "source": source, "base": base})
         tmp = root / f"{name}.journal.tmp"
-        journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                             | os.O_NOFOLLOW, 0o600)
         os.write(journal_fd, header)
         os.rename(tmp, root / f"{name}.journal")
         return cls(root, name, key, source, data_fd, journal_fd, len(header))
@@ -145,8 +186,14 @@ class SpoolEntry:
     def reopen(cls, journal: Path, key: str, source: str) -> SpoolEntry:
         """Open an entry an earlier run left behind (blocking)."""
         name = journal.name.removesuffix(".journal")
-        data_fd = os.open(journal.parent / f"{name}.data", os.O_RDWR | os.O_CREAT, 0o600)
-        journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND)
+        nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+        data_fd = os.open(journal.parent / f"{name}.data", os.O_RDWR | os.O_CREAT | nofollow,
+                          0o600)
+        try:
+            journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND | nofollow)
+        except BaseException:
+            os.close(data_fd)
+            raise
         return cls(journal.parent, name, key, source, data_fd, journal_fd,
                    os.fstat(journal_fd).st_size)
 
@@ -294,7 +341,8 @@ class SpoolEntry:
             if size > max([o + n for o, n in dirty + after] + [base["size"] if base else 0]):
                 lines.append(_line({"t": "T", "s": size}))
             tmp = self.root / f"{new_name}.journal.tmp"
-            jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                          | os.O_NOFOLLOW, 0o600)
             data = b"".join(lines)
             os.write(jfd, data)
         except BaseException:
@@ -415,6 +463,11 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     """
     records: list[dict[str, Any]] = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        # Someone else's journal would commit their bytes with our credentials.
+        raise JournalCorrupt(path, 1, f"owned by uid {owner}, not by this user")
     with open(fd, "rb") as f:
         lines = f.read().split(b"\n")
     # The piece after the last newline is a torn line (or b"" after a complete one).
