@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -250,6 +251,7 @@ async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
     """
     # First, before any thread allocates: freed write buffers must not stay resident.
     tune_malloc()
+    raise_nofile_limit()
     try:
         return await _serve(cfg, notifier or Notifier(None), on_ready)
     except BaseExceptionGroup as group:
@@ -258,6 +260,19 @@ async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
         if usage is None:
             raise
         raise usage from None
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft descriptor limit to the hard one: systemd's default soft limit
+    (1024) is small for a daemon holding spool files, store connections and sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit: the kernel's own ceiling (fs.nr_open, 2^20 by default).
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("descriptor limit stays at %d: %s", soft, exc)
 
 
 def _lone(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
