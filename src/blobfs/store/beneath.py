@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def _walk_open(dir_fd: int, rel: str, flags: int, mode: int) -> int:
     cur = dir_fd
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
+            nxt = _open_subdir(cur, part)
             if cur != dir_fd:
                 os.close(cur)
             cur = nxt
@@ -81,6 +82,16 @@ def _walk_open(dir_fd: int, rel: str, flags: int, mode: int) -> int:
     finally:
         if cur != dir_fd:
             os.close(cur)
+
+
+def _open_subdir(dir_fd: int, name: str) -> int:
+    """openat(O_DIRECTORY | O_NOFOLLOW); a link there is ELOOP, as openat2 says."""
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
 
 
 def check_rel(rel: str) -> str:
@@ -140,7 +151,7 @@ class Tree:
             for part in rel.split("/"):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, mode, dir_fd=cur)
-                nxt = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
+                nxt = _open_subdir(cur, part)
                 os.close(cur)
                 cur = nxt
         except BaseException:
