@@ -449,7 +449,12 @@ async def _announce_ready(cfg: MountConfig, notifier: Notifier, telemetry: Telem
     """Announce readiness once the mountpoint answers, then feed the watchdog."""
     # The mount answers once the kernel gets a reply to a stat through it. The stat runs
     # in a thread because this very loop has to answer it.
-    st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    try:
+        st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    except OSError as exc:
+        # Stopped (SIGTERM, umount) before the first stat came back: nothing to announce.
+        log.debug("%s did not answer before shutdown: %s", cfg.mountpoint, exc)
+        return
     await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
     if on_ready is not None:
         on_ready()
