@@ -119,8 +119,7 @@ OPTIONS: dict[str, Option] = {
         Option(
             "cache_dir", parse_nonempty, None,
             "spool and cache directory, created 0700; an existing one must be owned by the "
-            "mounting user and not writable by others "
-            "(default /var/cache/blobfs for root, else $XDG_CACHE_HOME/blobfs)",
+            "mounting user and not writable by others",
         ),
         Option("retry_timeout", parse_seconds, 60.0, "seconds transient store errors are retried"),
         Option(
@@ -291,5 +290,10 @@ def options_help() -> str:
             default = f"{default // MiB}M"
         elif isinstance(default, int) and opt.name.endswith("mode"):
             default = oct(default)[2:]
-        lines.append(f"  {opt.name:<17} {opt.help} (default: {default})")
+        elif isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default is None:
+            default = "none"
+        said = "(default" in opt.help  # the help text names its own default
+        lines.append(f"  {opt.name:<17} {opt.help}" + ("" if said else f" (default: {default})"))
     return "\n".join(lines)

@@ -58,6 +58,24 @@ def test_an_odd_value_exits_2_with_one_line(dirs: tuple[Path, Path]) -> None:
     assert res.returncode == 2
 
 
+# --- the README and --help agree on what matters for security --------------------------------
+def test_help_and_readme_agree_on_security_defaults() -> None:
+    res = run("mount", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert "allow_other let other users use the mount" in text and \
+        "(default: off)" in text.split("allow_other", 1)[1].split("read_only")[0]
+    assert "`allow_other`, `read_only` | mounting user, 644, 755, off, off |" in readme
+    metrics_help = text.split(" metrics ", 1)[1].split(" uid ")[0]
+    assert "':PORT' alone listens on every interface" in metrics_help
+    assert "(default: none)" in metrics_help
+    assert "| `metrics` | off |" in readme
+    assert "`:PORT` alone listens on every interface" in readme
+    assert "## Security" in readme
+    assert "not writable by others" in text and "not group/other-writable" in readme
+
+
 # --- 10: one redactor for what the user sees ------------------------------------------------
 def test_redactor_strips_userinfo_query_strings_and_signatures() -> None:
     text = redact("http://AKIA:s3cret@127.0.0.1:9000/b and https://h/c?sv=1&sig=abc%2B "
