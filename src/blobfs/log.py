@@ -20,8 +20,8 @@ import sys
 _SECRET_PATTERNS = [
     # URL userinfo (https://user:password@host) and query strings (presigned URLs, SAS
     # tokens): whatever they hold, none of it is needed to tell which endpoint was meant.
-    re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"<>]+(?=@)"),
     re.compile(r"(\bhttps?://[^\s?#'\"<>]*\?)[^\s#'\"<>]+", re.IGNORECASE),
+    re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"<>]+(?=@)"),
     re.compile(r"(AccountKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessSignature\s*=\s*)[^;\s'\"]+", re.IGNORECASE),

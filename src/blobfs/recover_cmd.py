@@ -80,6 +80,13 @@ async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> 
     return failures
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become a UsageError: one line, through the CLI's redactor."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see blobfs recover --help)")
+
+
 def cmd_recover(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="blobfs recover", description=__doc__)
     p.add_argument("--cache-dir", type=Path,
@@ -88,6 +95,7 @@ def cmd_recover(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="store options such as endpoint=URL or account=NAME")
+    p.__class__ = _Parser
     args = p.parse_args(argv)
     values = parse_options(args.options)
     cache_dir = args.cache_dir or MountConfig.build("file:///", "/", {}).cache_dir
