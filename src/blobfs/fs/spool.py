@@ -1,7 +1,10 @@
 """The local spool: pending bytes of each file, on disk before `write()` returns (SPEC §4).
 
 Layout: CACHE_DIR/spool/SOURCE-HASH/ (mode 0700), locked by the running mount, holds one
-entry per file with pending data:
+entry per file with pending data. blobfs creates these directories 0700 and never chmods
+one it finds: a directory that is not the mounting user's, or that others can write, is
+refused (`ensure_private_dir`), since whatever a spool holds is committed with the
+mounting user's credentials. Files in it are opened with O_NOFOLLOW.
 
 - `NAME.data`, a sparse file whose offsets mirror the new version (holes read as zeros);
 - `NAME.journal`, JSON lines: a header (key, source, base version), then one record per
@@ -14,8 +17,11 @@ entry per file with pending data:
 Each write puts the bytes, then the record, in one worker-thread call; `write()` returns
 after both, so a killed daemon leaves every acknowledged byte described. A record that
 failed half-way (disk full) is cut off again, so the journal never holds a torn line
-followed by more records. The journal is rewritten (new file + rename) when it grows
-large or pending data moves (rebase), so the switch is atomic.
+followed by more records. Replay trusts only validated records (`read_journal`): an
+invalid last line is a crash mid-append and is ignored; an invalid record before the last
+is damage (`JournalCorrupt`), and nothing of that entry is committed. The journal is
+rewritten (new file + rename) when it grows large or pending data moves (rebase), so the
+switch is atomic.
 
 Disk work runs in worker threads: a large write can stall on writeback, which must not
 stall the trio loop. Small writes (up to INLINE_MAX, a log line) are the exception: their
