@@ -30,7 +30,7 @@ from tests.conftest import make_store_env
 from tests.support.envs import StoreEnv, free_port
 from tests.support.mounting import blobfs_cmd, mount_env, mounted
 from tests.support.outside import read_blob
-from tests.support.service import alive, is_mount, short_runtime_dir
+from tests.support.service import alive, is_mount, lazy_unmount, short_runtime_dir
 from tests.support.users import User, run_as, shared_dir, temp_user
 
 
@@ -147,7 +147,35 @@ def test_unsafe_cache_dirs_are_refused_and_left_alone(tmp_path: Path, user: User
     mnt.mkdir()
 
     def mount(cache: Path) -> subprocess.CompletedProcess[str]:
-        return blobfs(env, "mount", env.url, str(mnt), "-f", "-o", f"cache_dir={cache}")
+        # Refused before mounting; should it mount (a regression), -f would run until the
+        # timeout: the finally below clears what it left.
+        return blobfs(env, "mount", env.url, str(mnt), "-f", "-o", f"cache_dir={cache}",
+                      timeout=30)
+
+    try:
+        _refusals(env, tmp_path, mnt, user, mount)
+    finally:
+        for pid in daemon_pids_of(mnt):
+            os.kill(pid, 9)
+        lazy_unmount(mnt)
+
+
+def daemon_pids_of(mnt: Path) -> list[int]:
+    """Pids of blobfs daemons whose command line names `mnt` (a regression's leftovers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"blobfs" in b" ".join(args) and os.fsencode(mnt) in args:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _refusals(env: StoreEnv, tmp_path: Path, mnt: Path, user: User,
+              mount: Callable[[Path], subprocess.CompletedProcess[str]]) -> None:
 
     shared = tmp_path / "shared"
     shared.mkdir()
