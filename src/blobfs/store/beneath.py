@@ -139,8 +139,9 @@ class Tree:
                 return fd
         return _walk_open(root, rel, flags, mode)
 
-    def open_dir(self, rel: str, *, create: bool = False, mode: int = 0o777) -> int:
-        """A descriptor of directory `rel`, made (with its parents) when `create`."""
+    def open_dir(self, rel: str, *, create: bool = False, mode: int | None = None) -> int:
+        """A descriptor of directory `rel`, made (with its parents) when `create`; the
+        directories it makes get `mode` exactly (not filtered by the umask) when given."""
         try:
             return self.open(rel, _DIR_FLAGS)
         except FileNotFoundError:
@@ -149,20 +150,25 @@ class Tree:
         cur = os.dup(self.root_fd())
         try:
             for part in rel.split("/"):
+                made = False
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, mode, dir_fd=cur)
+                    os.mkdir(part, 0o700 if mode is not None else 0o777, dir_fd=cur)
+                    made = True
                 nxt = _open_subdir(cur, part)
                 os.close(cur)
                 cur = nxt
+                if made and mode is not None:
+                    os.fchmod(cur, mode)  # on our descriptor: never through a link
         except BaseException:
             os.close(cur)
             raise
         return cur
 
-    def parent(self, rel: str, *, create: bool = False) -> tuple[int, str]:
+    def parent(self, rel: str, *, create: bool = False,
+               mode: int | None = None) -> tuple[int, str]:
         """(descriptor of the directory holding `rel`, its last component)."""
         head, _, name = check_rel(rel).rpartition("/")
-        return self.open_dir(head, create=create), name
+        return self.open_dir(head, create=create, mode=mode), name
 
     def unlink(self, rel: str) -> None:
         fd, name = self.parent(rel)
@@ -178,12 +184,13 @@ class Tree:
         finally:
             os.close(fd)
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, dir_mode: int | None = None) -> None:
         """Rename `src` over `dst` (a link at `dst` is replaced, never followed); the
-        destination's parents are created. fsyncs the destination directory."""
+        destination's parents are created (with `dir_mode`). fsyncs the destination
+        directory."""
         sfd, sname = self.parent(src)
         try:
-            dfd, dname = self.parent(dst, create=True)
+            dfd, dname = self.parent(dst, create=True, mode=dir_mode)
             try:
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
                 os.fsync(dfd)
@@ -192,8 +199,8 @@ class Tree:
         finally:
             os.close(sfd)
 
-    def mkdirs(self, rel: str) -> None:
-        os.close(self.open_dir(rel, create=True))
+    def mkdirs(self, rel: str, *, mode: int | None = None) -> None:
+        os.close(self.open_dir(rel, create=True, mode=mode))
 
     def lstat(self, rel: str) -> os.stat_result:
         fd, name = self.parent(rel)

@@ -526,7 +526,7 @@ class LocalStore:
                     raise PreconditionFailed(f"{key} moved on from {expected}")
             # Beneath the root: a linked directory on the way fails (ELOOP); a link at
             # the key itself is replaced by the new version, never written through.
-            self.tree.rename(tmp, path)
+            self.tree.rename(tmp, path, dir_mode=self._modes()[1])
         return meta
 
     def append_sync(
@@ -618,7 +618,7 @@ class LocalStore:
             os.close(fd)
 
     def _mkdir_sync(self, key: str) -> ObjectMeta:
-        self.tree.mkdirs(self._path(key))
+        self.tree.mkdirs(self._path(key), mode=self._modes()[1])
         return self._head_sync(key)
 
     # --- the protocol -------------------------------------------------------------------
