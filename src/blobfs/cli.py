@@ -156,8 +156,8 @@ def _daemonize(cfg: MountConfig, notifier: Notifier) -> int:
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         where = "the journal" if keep_stderr else str(log_path)
-        print(f"blobfs: {message or 'the daemon exited before the mount was ready'} "
-              f"(log: {where})", file=sys.stderr)
+        why = message or "the daemon exited before the mount was ready"
+        print(blog.redact(f"blobfs: {why} (log: {where})"), file=sys.stderr)
         return code if code > 0 else EXIT_ERROR
     try:
         os.close(read_fd)
@@ -169,7 +169,9 @@ def _daemonize(cfg: MountConfig, notifier: Notifier) -> int:
         if keep_stderr:
             blog.reopen_stderr_as("blobfs")
         else:
-            err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            # O_NOFOLLOW: a link planted in the cache dir must not aim our writes.
+            err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                          0o600)
             os.dup2(err, 2)
             os.close(err)
             os.environ.pop("JOURNAL_STREAM", None)
@@ -208,6 +210,13 @@ def _daemonize(cfg: MountConfig, notifier: Notifier) -> int:
 
 
 def cmd_unmount(argv: list[str]) -> int:
+    """Commit what is pending, unmount, and say what stayed in the spool.
+
+    The pid in the state file is only a hint: it is signalled only once /proc says it is
+    a blobfs process and the mount's control socket says that process serves this
+    mountpoint. A dead mount (the daemon is gone) is cleared with a lazy unmount. Exit 0
+    only when the mount is gone and nothing of it is left in the spool.
+    """
     from blobfs import mount
 
     p = argparse.ArgumentParser(prog="blobfs unmount",
@@ -217,25 +226,47 @@ def cmd_unmount(argv: list[str]) -> int:
                    help="seconds to wait for the final commit (default 600)")
     p.__class__ = _Parser
     args = p.parse_args(argv)
-    mnt = Path(args.mountpoint)
+    mnt = Path(os.path.abspath(args.mountpoint))
     if not mount.is_mountpoint(mnt):
         raise UsageError(f"{mnt} is not mounted")
-    pid = None
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        pid = json.loads(mount.state_file(mnt).read_text())["pid"]
+    state: dict[str, object] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(mount.state_file(mnt).read_text())
+        if isinstance(loaded, dict):
+            state = loaded
+    spool = state.get("spool") if isinstance(state.get("spool"), str) else None
+    pid = _serving_pid(mnt)
     if pid is None:
-        # Not started by a blobfs we know of: unmounting still makes the daemon commit.
+        if mount._probe(mnt) == "dead":
+            # The daemon is gone: whatever the state file's pid is now, it is not ours.
+            mount._clear_dead_mount(mnt)
+            left = _left_in_spool(spool)
+            raise UsageError(f"the blobfs daemon of {mnt} was gone; cleared the dead mount"
+                             + (f"; left in the spool {spool}: {', '.join(left)} (it is "
+                                "committed at the next mount or by blobfs recover)"
+                                if left else ""), EXIT_ERROR)
+        # Not a blobfs we can identify: unmounting still makes a daemon commit.
         res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
         if res.returncode:
             raise UsageError(f"cannot unmount {mnt}: {res.stderr.strip()}", EXIT_ERROR)
         return EXIT_OK
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while _alive(pid):
         if time.monotonic() > deadline:
             raise UsageError(f"blobfs (pid {pid}) is still committing after {args.timeout:g}s",
                              EXIT_ERROR)
         time.sleep(0.05)
+    if mount.is_mountpoint(mnt):
+        mount._clear_dead_mount(mnt)
+        raise UsageError(f"blobfs (pid {pid}) exited without unmounting {mnt}; cleared it",
+                         EXIT_ERROR)
+    left = _left_in_spool(spool)
+    if left:
+        raise UsageError(f"unmounted {mnt}, but the final commit failed for: "
+                         f"{', '.join(left)}; the data stays in the spool {spool} (the next "
+                         "mount or blobfs recover commits it)", EXIT_ERROR)
     return EXIT_OK
 
 
@@ -314,6 +345,46 @@ def _wait_exit(pid: int) -> None:
         os.close(fd)
 
 
+def _serving_pid(mnt: Path) -> int | None:
+    """The pid of the blobfs daemon serving `mnt`, as its control socket says and /proc
+    confirms; None when no live blobfs daemon answers for it."""
+    from blobfs import mount
+    from blobfs.telemetry import read_control
+
+    try:
+        snap = read_control(mount.control_socket(mnt), timeout=5.0)
+    except (OSError, ValueError):
+        return None
+    pid = snap.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if snap.get("mountpoint") != str(mnt):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if not any("blobfs" in os.path.basename(a) for a in args):
+        return None
+    return pid
+
+
+def _left_in_spool(spool: str | None) -> list[str]:
+    """The keys (or journal names) a spool still holds (blocking)."""
+    from blobfs.fs.spool import read_journal
+
+    if not spool or not os.path.isdir(spool):
+        return []
+    left = []
+    for journal in sorted(Path(spool).glob("*.journal")):
+        try:
+            left.append(str(read_journal(journal)[0]["key"]))
+        except (OSError, ValueError):
+            left.append(f"{journal} (damaged)")
+    return left
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -377,7 +448,7 @@ def _run(argv: list[str]) -> int:
         raise UsageError(f"unknown command '{cmd}': use mount, unmount, status, serve or recover "
                          "(blobfs --help)")
     except UsageError as exc:
-        print(f"blobfs: {exc}", file=sys.stderr)
+        print(blog.redact(f"blobfs: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

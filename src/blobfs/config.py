@@ -6,6 +6,7 @@ nothing of FUSE or of any store SDK.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,6 +18,9 @@ from blobfs.budget import Budget
 from blobfs.errors import UsageError
 
 MiB = 1 << 20
+#: Largest duration option: about 31 years (trio and the kernel take it; `inf` would not).
+MAX_SECONDS = 1e9
+MAX_ID = (1 << 32) - 2
 
 _SIZE_RE = re.compile(r"^(\d+)([kmgt]i?b?|b)?$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -32,9 +36,13 @@ def parse_size(text: str) -> int:
 
 
 def parse_seconds(text: str) -> float:
-    value = float(text.rstrip("s"))
-    if value < 0:
-        raise ValueError(f"not a duration: {text!r}")
+    """'1', '0.5s' -> seconds; nan, inf and negative values are refused."""
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
+        raise ValueError(f"not a duration: {text!r} (use seconds from 0 to {MAX_SECONDS})")
     return value
 
 
@@ -48,7 +56,27 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_mode(text: str) -> int:
-    return int(text, 8)
+    """Octal permission bits, 0 to 7777."""
+    digits = text.removeprefix("0o")
+    if not re.fullmatch(r"[0-7]{1,5}", digits):
+        raise ValueError(f"not an octal mode: {text!r} (use 0 to 7777, e.g. 644)")
+    value = int(digits, 8)
+    if value > 0o7777:
+        raise ValueError(f"mode {text} is above 7777")
+    return value
+
+
+def parse_id(text: str) -> int:
+    """A uid or gid: 0 to 2^32-2 ((uid_t)-1 means "no change" to the kernel)."""
+    if not text.isdigit() or int(text) > MAX_ID:
+        raise ValueError(f"not a user or group id: {text!r} (use 0 to {MAX_ID})")
+    return int(text)
+
+
+def parse_nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("it is empty (leave the option out to get the default)")
+    return text
 
 
 def parse_close(text: str) -> str:
@@ -89,9 +117,9 @@ OPTIONS: dict[str, Option] = {
         Option("readahead_max", parse_size, 64 * MiB, "largest sequential prefetch window"),
         Option("cache_size", parse_size, 256 * MiB, "size of the shared read block cache"),
         Option(
-            "cache_dir", str, None,
-            "spool and cache directory "
-            "(default /var/cache/blobfs for root, else $XDG_CACHE_HOME/blobfs)",
+            "cache_dir", parse_nonempty, None,
+            "spool and cache directory, created 0700; an existing one must be owned by the "
+            "mounting user and not writable by others",
         ),
         Option("retry_timeout", parse_seconds, 60.0, "seconds transient store errors are retried"),
         Option(
@@ -114,14 +142,16 @@ OPTIONS: dict[str, Option] = {
             "FUSE request served at once (what is left, 4 to 32 requests)",
         ),
         Option(
-            "metrics", str, None,
-            "serve Prometheus metrics on ADDR:PORT, or write them to a file path",
+            "metrics", parse_nonempty, None,
+            "serve Prometheus metrics on HOST:PORT (':PORT' alone listens on every interface:"
+            " say so explicitly), or write them to a file path; off when unset",
         ),
-        Option("uid", int, None, "owner of every file (default: the mounting user)"),
-        Option("gid", int, None, "group of every file (default: the mounting user's group)"),
+        Option("uid", parse_id, None, "owner of every file (default: the mounting user)"),
+        Option("gid", parse_id, None, "group of every file (default: the mounting user's group)"),
         Option("file_mode", parse_mode, 0o644, "permission bits of files (octal)"),
         Option("dir_mode", parse_mode, 0o755, "permission bits of directories (octal)"),
-        Option("allow_other", parse_bool, False, "let other users see the mount", flag=True),
+        Option("allow_other", parse_bool, False,
+               "let other users use the mount (see the README's Security section)", flag=True),
         Option("read_only", parse_bool, False, "refuse every change", flag=True),
         # The HTTP face (blobfs.http, docs/design/http.md); `blobfs serve` takes them too.
         Option("http", str, None, "also serve the mount over HTTP on HOST:PORT"),
@@ -156,6 +186,7 @@ ALIASES = {"ro": ("read_only", "1")}
 def parse_options(items: list[str]) -> dict[str, Any]:
     """Parse '-o a=b,c' strings into {name: value}; raise UsageError on a bad one."""
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items:
         for raw in filter(None, (p.strip() for p in item.split(","))):
             name, eq, text = raw.partition("=")
@@ -163,8 +194,18 @@ def parse_options(items: list[str]) -> dict[str, Any]:
                     name.startswith("x-"):
                 continue
             if name in ALIASES:
+                if eq:
+                    raise UsageError(f"option '{name}' takes no value (write '{name}', not "
+                                     f"'{raw}')")
+                alias = name
                 name, text = ALIASES[name]
                 eq = "="
+            else:
+                alias = name
+            if name in given:
+                raise UsageError(f"option '{name}' is given twice ('{given[name]}' and "
+                                 f"'{raw}'): keep one")
+            given[name] = raw if alias == name else alias
             opt = OPTIONS.get(name)
             if opt is None:
                 raise UsageError(
@@ -266,5 +307,10 @@ def options_help() -> str:
             default = f"{default // MiB}M"
         elif isinstance(default, int) and opt.name.endswith("mode"):
             default = oct(default)[2:]
-        lines.append(f"  {opt.name:<17} {opt.help} (default: {default})")
+        elif isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default is None:
+            default = "none"
+        said = "(default" in opt.help  # the help text names its own default
+        lines.append(f"  {opt.name:<17} {opt.help}" + ("" if said else f" (default: {default})"))
     return "\n".join(lines)

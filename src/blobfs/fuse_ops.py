@@ -60,9 +60,9 @@ def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
                 err, level = errno_for(exc)
                 bug = err == errno.EIO and not _known(exc)
                 if bug:
-                    log.error("%s%r failed with a bug", op, _brief(args), exc_info=True)
+                    log.error("%s%r failed with a bug", op, _brief(op, args), exc_info=True)
                 elif not (op == "lookup" and err == errno.ENOENT):
-                    log.log(level, "%s%r -> %s: %s", op, _brief(args),
+                    log.log(level, "%s%r -> %s: %s", op, _brief(op, args),
                             errno.errorcode.get(err, err), _chain(exc))
                 raise pyfuse3.FUSEError(err) from None
 
@@ -88,10 +88,17 @@ def _known(exc: BaseException) -> bool:
     return isinstance(exc, BlobfsError | OSError)
 
 
-def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    # Keep request logs short: write buffers become their length.
-    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes | memoryview) and len(a) > 64
-                 else a for a in args if not isinstance(a, pyfuse3.RequestContext))
+#: Handlers whose argument at this index is file data (or an xattr value), never a name.
+_DATA_ARG = {"write": 2, "setxattr": 2}
+
+
+def _brief(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Data becomes its length, whatever its size: a failed write of "password=..." must
+    # not put the password in the log. Names stay (long ones are cut to their length).
+    data_at = _DATA_ARG.get(op, -1)
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes | bytearray | memoryview)
+                 and (i == data_at or len(a) > 255) else a
+                 for i, a in enumerate(args) if not isinstance(a, pyfuse3.RequestContext))
 
 
 def _chain(exc: BaseException) -> str:

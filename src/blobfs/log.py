@@ -2,8 +2,9 @@
 
 Secrets (account keys, SAS signatures, connection strings, AWS secret keys, bearer tokens)
 must never reach a log line or a status screen, whatever module formats them (SPEC §5):
-`redact` is the one filter, used by the log formatter and by everything that prints
-numbers about a mount. This module knows nothing of FUSE, stores or the core.
+`redact` is the one filter, used by the log formatter, by everything that prints numbers
+about a mount, and by every message the command line prints (usage errors included). It
+also strips URL userinfo and query strings. This module knows nothing of FUSE, stores or the core.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import socket
 import sys
 
 _SECRET_PATTERNS = [
+    # URL userinfo (https://user:password@host) and query strings (presigned URLs, SAS
+    # tokens): whatever they hold, none of it is needed to tell which endpoint was meant.
+    re.compile(r"(\bhttps?://[^\s?#'\"<>]*\?)[^\s#'\"<>]+", re.IGNORECASE),
+    re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"<>]+(?=@)"),
     re.compile(r"(AccountKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessKey\s*=\s*)[^;\s'\"]+", re.IGNORECASE),
     re.compile(r"(SharedAccessSignature\s*=\s*)[^;\s'\"]+", re.IGNORECASE),

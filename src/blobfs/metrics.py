@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 TEXTFILE_INTERVAL = 2.0
 #: The largest HTTP request head we read before answering.
 MAX_REQUEST = 8192
+#: Connections served at once. A connection beyond these is closed at once: holding it
+#: (or leaving it in the accept queue) would let idle clients pin descriptors that file
+#: I/O needs, or starve every later scrape.
+MAX_CONNECTIONS = 32
+#: Seconds a client has to send its request and take the answer.
+IDLE_TIMEOUT = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -145,21 +152,57 @@ async def open_http_listeners(target: MetricsTarget) -> list[trio.SocketListener
 
 
 async def serve_http(listeners: list[trio.SocketListener],
-                     snapshot: Callable[[], Mapping[str, Any]]) -> None:
-    """Answer `GET /metrics` (and `HEAD`) with the text format; anything else 404/405."""
+                     snapshot: Callable[[], Mapping[str, Any]], *,
+                     max_connections: int = MAX_CONNECTIONS,
+                     idle_timeout: float = IDLE_TIMEOUT) -> None:
+    """Answer `GET /metrics` (and `HEAD`) with the text format; anything else 404/405.
+
+    At most `max_connections` are served at once, each for at most `idle_timeout`
+    seconds; more are accepted and closed at once. Descriptors the metrics side holds
+    are bounded, so no flood of connections can take the ones file I/O needs.
+    """
+    state = {"open": 0, "refused": 0}
 
     async def answer(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(10):
-                try:
-                    head = await _read_head(stream)
-                    if head is None:
-                        return
-                    await stream.send_all(_response(head, snapshot))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the scraper went away
+        try:
+            async with stream:
+                with trio.move_on_after(idle_timeout):
+                    try:
+                        head = await _read_head(stream)
+                        if head is None:
+                            return
+                        await stream.send_all(_response(head, snapshot))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the scraper went away
+        finally:
+            state["open"] -= 1
 
-    await trio.serve_listeners(answer, listeners)
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        warned = False
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # Out of descriptors (EMFILE/ENFILE) or a reset before accept: wait, retry.
+                if not warned:
+                    log.warning("metrics: cannot accept a connection (%s); retrying", exc)
+                    warned = True
+                await trio.sleep(0.5)
+                continue
+            warned = False
+            if state["open"] >= max_connections:
+                state["refused"] += 1
+                if state["refused"] in (1, 1000) or state["refused"] % 100000 == 0:
+                    log.warning("metrics: %d connections refused so far (at most %d served "
+                                "at once)", state["refused"], max_connections)
+                await stream.aclose()
+                continue
+            state["open"] += 1
+            nursery.start_soon(answer, stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, nursery)
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes | None:
@@ -198,11 +241,29 @@ async def write_textfile(path: Path, snap: Mapping[str, Any]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # node_exporter usually runs as another user
-    os.replace(tmp, path)
+    """Write `text` to a new temp file beside `path`, then rename it over `path`.
+
+    The textfile directory is often shared: the temp name is random and created with
+    O_EXCL | O_NOFOLLOW, so a file or link planted there is never written through, and
+    the mode is set on our descriptor, never on a path.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with open(fd, "w", closefd=False) as f:
+            f.write(text)
+        os.fchmod(fd, 0o644)  # node_exporter usually runs as another user
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 async def run_textfile(path: Path, snapshot: Callable[[], Mapping[str, Any]],

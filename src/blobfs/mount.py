@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import re
+import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,7 +35,7 @@ from blobfs.config import MountConfig
 from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
-from blobfs.fs.spool import Spool
+from blobfs.fs.spool import JournalCorrupt, Spool, ensure_private_dir, read_journal
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
 from blobfs.store import open_store
@@ -57,13 +59,30 @@ EXIT_FUSE = 4
 
 def runtime_dir() -> Path:
     """Where running mounts are recorded: /run/blobfs for root, else under
-    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers)."""
+    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers). Without
+    either, /tmp/blobfs-UID: a name others can guess, so `prepare_runtime_dir` checks it."""
     override = os.environ.get("BLOBFS_RUNTIME_DIR")
     if override:
         return Path(override)
     if os.geteuid() == 0:
         return Path("/run/blobfs")
-    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/blobfs-{os.getuid()}") / "blobfs"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "blobfs"
+    return Path(f"/tmp/blobfs-{os.geteuid()}")
+
+
+def prepare_runtime_dir() -> bool:
+    """Create the runtime directory (0700) or check the one there: ours, and writable by
+    no one else. False, with a warning, when it is not safe to use (blocking)."""
+    path = runtime_dir()
+    try:
+        ensure_private_dir(path, "runtime directory",
+                           hint="set XDG_RUNTIME_DIR or BLOBFS_RUNTIME_DIR to a private one")
+    except UsageError as exc:
+        log.warning("%s; blobfs status and unmount will not find this mount", exc)
+        return False
+    return True
 
 
 def _mount_id(mountpoint: Path) -> str:
@@ -159,13 +178,7 @@ def preflight(cfg: MountConfig) -> None:
     if is_mountpoint(mnt):
         raise UsageError(f"mountpoint {mnt} is busy: something is already mounted there "
                          f"(blobfs unmount {mnt})")
-    try:
-        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(cfg.cache_dir, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable")
-    except OSError as exc:
-        raise UsageError(f"cache_dir {cfg.cache_dir} is not usable: {exc.strerror}; pick "
-                         "another with -o cache_dir=DIR") from None
+    ensure_private_dir(cfg.cache_dir, "cache_dir", follow=True)
 
 
 def _clear_dead_mount(mnt: Path) -> None:
@@ -238,6 +251,7 @@ async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
     """
     # First, before any thread allocates: freed write buffers must not stay resident.
     tune_malloc()
+    raise_nofile_limit()
     try:
         return await _serve(cfg, notifier or Notifier(None), on_ready)
     except BaseExceptionGroup as group:
@@ -246,6 +260,19 @@ async def serve(cfg: MountConfig, *, notifier: Notifier | None = None,
         if usage is None:
             raise
         raise usage from None
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft descriptor limit to the hard one: systemd's default soft limit
+    (1024) is small for a daemon holding spool files, store connections and sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit: the kernel's own ceiling (fs.nr_open, 2^20 by default).
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("descriptor limit stays at %d: %s", soft, exc)
 
 
 def _lone(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
@@ -290,15 +317,22 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                invalidate=invalidate, invalidate_entry=invalidate_entry)
         telemetry.attach(fs)
-        # Finish what a crashed run left in the spool before serving (SPEC §4).
-        report = await recover_spool(store, spool, fs.make_writer)
-        for writer in report.writers:
-            fs.adopt(writer)
-        # Commits like any other: STATUS, `blobfs status` and metrics count them (the
-        # metered store already counted their bytes).
-        fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
+        if cfg.read_only:
+            # A read-only mount never writes to the store, not even a spool's leftovers.
+            telemetry.damaged = await trio.to_thread.run_sync(_report_left_spool, spool)
+        else:
+            # Finish what a crashed run left in the spool before serving (SPEC §4).
+            report = await recover_spool(store, spool, fs.make_writer)
+            telemetry.damaged = report.damaged
+            for writer in report.writers:
+                fs.adopt(writer)
+            # Commits like any other: STATUS, `blobfs status` and metrics count them (the
+            # metered store already counted their bytes).
+            fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
         ops = FuseOps(fs)
-        control = await open_control_listener(control_socket(cfg.mountpoint))
+        runtime_ok = await trio.to_thread.run_sync(prepare_runtime_dir)
+        control = await open_control_listener(control_socket(cfg.mountpoint)) \
+            if runtime_ok else None
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as exc:
@@ -310,7 +344,8 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
             from blobfs import http as http_face
 
             await http_face.start(cfg, fs, nursery)  # the mount's own view, over HTTP
-        _write_state(cfg, control is not None)
+        if runtime_ok:
+            _write_state(cfg, control is not None, spool)
         nursery.start_soon(_watch_signals, fs, notifier, telemetry)
         nursery.start_soon(_announce_ready, cfg, notifier, telemetry, on_ready)
         if control is not None:
@@ -354,6 +389,24 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         return 1
     log.info("unmounted %s cleanly", cfg.mountpoint)
     return 0
+
+
+def _report_left_spool(spool: Spool) -> list[str]:
+    """Log what a read-only mount leaves in its spool; the damaged journals (blocking)."""
+    keys, damaged = [], []
+    for journal in spool.entries():
+        try:
+            keys.append(read_journal(journal)[0]["key"])
+        except JournalCorrupt as exc:
+            log.error("%s; the entry is kept", exc)
+            damaged.append(str(journal))
+        except OSError as exc:
+            log.warning("cannot read spool journal %s: %s", journal, exc)
+    if keys:
+        log.warning("read_only: %d file(s) pending in the spool at %s are left as they are "
+                    "(mount read-write or run blobfs recover to commit them): %s",
+                    len(keys), spool.root, ", ".join(sorted(keys)))
+    return damaged
 
 
 async def serve_requests(cfg: MountConfig) -> None:
@@ -400,7 +453,12 @@ async def _announce_ready(cfg: MountConfig, notifier: Notifier, telemetry: Telem
     """Announce readiness once the mountpoint answers, then feed the watchdog."""
     # The mount answers once the kernel gets a reply to a stat through it. The stat runs
     # in a thread because this very loop has to answer it.
-    st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    try:
+        st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    except OSError as exc:
+        # Stopped (SIGTERM, umount) before the first stat came back: nothing to announce.
+        log.debug("%s did not answer before shutdown: %s", cfg.mountpoint, exc)
+        return
     await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
     if on_ready is not None:
         on_ready()
@@ -434,21 +492,26 @@ def _raise_readahead(dev: int) -> None:
         log.debug("kernel read-ahead stays at its default (%s: %s)", path, exc)
 
 
-def _write_state(cfg: MountConfig, has_control: bool) -> None:
+def _write_state(cfg: MountConfig, has_control: bool, spool: Spool) -> None:
     """Record the mount for `blobfs status` and `blobfs unmount` (atomically: a reader
-    never sees half a file)."""
+    never sees half a file). The temp file has a random name and is created with
+    O_EXCL | O_NOFOLLOW, so nothing planted under that name is written through."""
+    path = state_file(cfg.mountpoint)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        path = state_file(cfg.mountpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {"pid": os.getpid(), "mountpoint": str(cfg.mountpoint),
                  "source": redact(cfg.source), "cache_dir": str(cfg.cache_dir),
+                 "spool": str(spool.root),
                  "control": str(control_socket(cfg.mountpoint)) if has_control else None,
                  "metrics": redact(cfg.metrics) if cfg.metrics else None,
                  "started_at": time.time()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps(state))
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         log.warning("cannot record the mount in %s: %s", runtime_dir(), exc)
 
 

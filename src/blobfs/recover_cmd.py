@@ -11,7 +11,6 @@ import argparse
 import functools
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import trio
 from blobfs.config import MountConfig, StoreConfig, parse_options
 from blobfs.errors import StoreError, UsageError
 from blobfs.fs.recovery import recover_spool, replay
-from blobfs.fs.spool import Spool, SpoolEntry, read_journal
+from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
 from blobfs.fs.writer import FileWriter
 from blobfs.store import open_store
 from blobfs.store.base import ObjectStore
@@ -29,14 +28,18 @@ from blobfs.types import ObjectMeta
 log = logging.getLogger(__name__)
 
 
-def _sources(cache_dir: Path) -> dict[str, list[tuple[str, int]]]:
-    """source -> [(key, pending bytes)] for every journal in the cache dir."""
+def _sources(cache_dir: Path, damaged: list[str]) -> dict[str, list[tuple[str, int]]]:
+    """source -> [(key, pending bytes)] for every journal in the cache dir; the damaged
+    journals' descriptions go to `damaged`."""
     found: dict[str, list[tuple[str, int]]] = {}
     for journal in sorted((cache_dir / "spool").glob("*/*.journal")):
         try:
             state = replay(read_journal(journal))
+        except JournalCorrupt as exc:
+            damaged.append(str(exc))
+            continue
         except (OSError, ValueError, KeyError, IndexError) as exc:
-            print(f"  unreadable journal {journal}: {exc}", file=sys.stderr)
+            damaged.append(f"unreadable journal {journal}: {exc}")
             continue
         pending = state.epoch.dirty.total + (state.inflight.dirty.total if state.inflight else 0)
         found.setdefault(state.source, []).append((state.key, pending))
@@ -77,6 +80,13 @@ async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> 
     return failures
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become a UsageError: one line, through the CLI's redactor."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see blobfs recover --help)")
+
+
 def cmd_recover(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="blobfs recover", description=__doc__)
     p.add_argument("--cache-dir", type=Path,
@@ -85,25 +95,32 @@ def cmd_recover(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="store options such as endpoint=URL or account=NAME")
+    p.__class__ = _Parser
     args = p.parse_args(argv)
     values = parse_options(args.options)
     cache_dir = args.cache_dir or MountConfig.build("file:///", "/", {}).cache_dir
     if not (cache_dir / "spool").is_dir():
         raise UsageError(f"no spool in {cache_dir}: pass the mount's --cache-dir")
-    found = _sources(cache_dir)
+    damaged: list[str] = []
+    found = _sources(cache_dir, damaged)
     if args.json:
-        print(json.dumps({s: [{"key": k, "pending_bytes": n} for k, n in files]
-                          for s, files in found.items()}, indent=2))
+        listing: dict[str, object] = {
+            s: [{"key": k, "pending_bytes": n} for k, n in files] for s, files in found.items()}
+        if damaged:
+            listing["damaged"] = damaged
+        print(json.dumps(listing, indent=2))
     else:
+        for line in damaged:
+            print(f"DAMAGED: {line} (kept; nothing of it is committed)")
         for source, files in found.items():
             print(f"{source}: {len(files)} file(s), {sum(n for _, n in files)} pending bytes")
             for key, n in files:
                 print(f"  {key}  {n} bytes")
-        if not found:
+        if not found and not damaged:
             print("the spool is empty")
     if args.list or not found:
-        return 0
+        return 1 if damaged else 0
     cfg = StoreConfig(endpoint=values.get("endpoint"), account=values.get("account"),
                       api_version=values.get("api_version"),
                       retry_timeout=values.get("retry_timeout", 60.0))
-    return 1 if trio.run(_commit_all, cache_dir, list(found), cfg) else 0
+    return 1 if trio.run(_commit_all, cache_dir, list(found), cfg) or damaged else 0

@@ -182,6 +182,8 @@ def render(snap: dict[str, Any], *, peak: int | None = None, now: float | None =
     ]
     if peak is not None:
         rows.insert(2, ("drain", progress_bar(pending, peak)))
+    for journal in snap.get("damaged_journals") or []:
+        rows.append(("DAMAGED spool", f"{journal} (kept, not committed)"))
     lines += [f"  {label:<15} {value}" for label, value in rows]
     return redact("\n".join(lines)) + "\n"
 

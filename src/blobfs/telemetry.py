@@ -146,6 +146,8 @@ class Telemetry:
         self.meter = store.meter
         self.started_at = time.time()
         self.fs: Filesystem | None = None
+        #: Spool journals found damaged at start: kept, not committed (shown by status).
+        self.damaged: list[str] = []
 
     def attach(self, fs: Filesystem) -> None:
         self.fs = fs
@@ -183,6 +185,7 @@ class Telemetry:
             "committed_bytes": self.meter.committed_bytes,
             "staged_bytes": self.meter.staged_bytes,
             "upload_rate_bytes_per_second": round(self.meter.rate(), 1),
+            "damaged_journals": list(self.damaged),
             "remote_changes": {
                 "appends_followed": int(stats.get("appends_followed", 0)),
                 "replaced": int(stats.get("replaced", 0)),

@@ -223,6 +223,12 @@ class Filesystem:
             if len(name.encode("utf-8", "surrogateescape")) > 255:
                 raise FsError(errno.ENAMETOOLONG)
             raise FsError(errno.EINVAL, f"invalid name {name!r}")
+        # Names the store would rewrite into another key (Azure: '\\' -> '/'): refused
+        # before any store call, or a write could land on another file.
+        problem = getattr(self.store, "name_problem", None)
+        why = problem(name) if problem is not None else None
+        if why:
+            raise FsError(errno.EINVAL, f"invalid name {name!r}: {why}", logging.INFO)
         return parent.key + name
 
     async def _find(self, parent: Inode, name: str) -> Inode:

@@ -21,7 +21,7 @@ import trio
 
 from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError
 from blobfs.fs.epoch import Epoch, merge
-from blobfs.fs.spool import Spool, SpoolEntry, read_journal
+from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
 from blobfs.fs.writer import FileWriter
 from blobfs.store.base import ObjectStore, Range, put_bytes
 from blobfs.types import META_COMMIT, META_STREAM, ETag, ObjectMeta
@@ -94,6 +94,8 @@ class RecoveryReport:
     committed: list[str] = field(default_factory=list)
     recovered_copies: list[str] = field(default_factory=list)
     left_pending: list[str] = field(default_factory=list)
+    #: Journals damaged before their last record: kept, nothing of them committed.
+    damaged: list[str] = field(default_factory=list)
     pending_bytes: int = 0
     seconds: float = 0.0
     writers: list[FileWriter] = field(default_factory=list)
@@ -101,7 +103,9 @@ class RecoveryReport:
     def summary(self) -> str:
         return (f"{len(self.committed)} committed, {len(self.recovered_copies)} saved as "
                 f"recovered copies, {len(self.left_pending)} still pending "
-                f"({self.pending_bytes} bytes) in {self.seconds:.2f}s")
+                f"({self.pending_bytes} bytes)"
+                + (f", {len(self.damaged)} damaged and kept" if self.damaged else "")
+                + f" in {self.seconds:.2f}s")
 
 
 async def recover_spool(
@@ -118,6 +122,11 @@ async def recover_spool(
         try:
             records = await trio.to_thread.run_sync(read_journal, journal)
             state = replay(records)
+        except JournalCorrupt as exc:
+            log.error("%s; the entry is kept and none of it is committed: inspect it, then "
+                      "delete %s and its .data file", exc, journal)
+            report.damaged.append(str(journal))
+            continue
         except (OSError, ValueError, KeyError, IndexError) as exc:
             log.error("spool journal %s is unreadable (%s); left in place", journal, exc)
             continue

@@ -1,7 +1,10 @@
 """The local spool: pending bytes of each file, on disk before `write()` returns (SPEC §4).
 
 Layout: CACHE_DIR/spool/SOURCE-HASH/ (mode 0700), locked by the running mount, holds one
-entry per file with pending data:
+entry per file with pending data. blobfs creates these directories 0700 and never chmods
+one it finds: a directory that is not the mounting user's, or that others can write, is
+refused (`ensure_private_dir`), since whatever a spool holds is committed with the
+mounting user's credentials. Files in it are opened with O_NOFOLLOW.
 
 - `NAME.data`, a sparse file whose offsets mirror the new version (holes read as zeros);
 - `NAME.journal`, JSON lines: a header (key, source, base version), then one record per
@@ -14,8 +17,11 @@ entry per file with pending data:
 Each write puts the bytes, then the record, in one worker-thread call; `write()` returns
 after both, so a killed daemon leaves every acknowledged byte described. A record that
 failed half-way (disk full) is cut off again, so the journal never holds a torn line
-followed by more records. The journal is rewritten (new file + rename) when it grows
-large or pending data moves (rebase), so the switch is atomic.
+followed by more records. Replay trusts only validated records (`read_journal`): an
+invalid last line is a crash mid-append and is ignored; an invalid record before the last
+is damage (`JournalCorrupt`), and nothing of that entry is committed. The journal is
+rewritten (new file + rename) when it grows large or pending data moves (rebase), so the
+switch is atomic.
 
 Disk work runs in worker threads: a large write can stall on writeback, which must not
 stall the trio loop. Small writes (up to INLINE_MAX, a log line) are the exception: their
@@ -35,6 +41,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +60,43 @@ INLINE_MAX = 32 << 10
 #: Writes at least this large that extend the data file allocate their blocks first.
 PREALLOC_MIN = 64 << 10
 _FALLOC_FL_KEEP_SIZE = 1
+
+
+def ensure_private_dir(path: Path, what: str, *, follow: bool = False,
+                       hint: str = "pick another with -o cache_dir=DIR") -> None:
+    """Make `path` a directory only this user can write, or check the one that is there.
+
+    Directories blobfs creates (and their missing parents) get mode 0700; an existing one
+    is never chmod-ed (it may be /tmp). It must be owned by this user and not writable by
+    group or others: a spool another user can write is one they can plant commits in.
+    `follow` lets the path itself be a symbolic link (a configured cache_dir), never the
+    directories inside it (blocking).
+
+    Raises:
+        UsageError: the directory is unsafe or cannot be made (one line, exit 2).
+    """
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for new in reversed(missing):
+            os.mkdir(new, 0o700)
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} is not usable: {exc.strerror}; {hint}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UsageError(f"{what} {path} is {kind}: {hint}")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to the mounting user"
+                         f" ({os.geteuid()}): {hint}")
+    if st.st_mode & 0o022:
+        raise UsageError(f"{what} {path} is writable by group or others (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}): chmod go-w it, or {hint}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} is not writable: {hint}")
 
 
 def source_dir_name(source: str) -> str:
@@ -74,10 +118,11 @@ class Spool:
         Raises:
             UsageError: another running mount of the same source uses this cache_dir.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        for path in (self.cache_dir, self.cache_dir / "spool", self.root):
-            os.chmod(path, 0o700)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        ensure_private_dir(self.cache_dir, "cache_dir", follow=True)
+        ensure_private_dir(self.cache_dir / "spool", "spool")
+        ensure_private_dir(self.root, "spool")
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -133,10 +178,12 @@ class SpoolEntry:
     @classmethod
     def create(cls, root: Path, name: str, key: str, source: str,
                base: dict[str, Any] | None) -> SpoolEntry:
-        data_fd = os.open(root / f"{name}.data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        data_fd = os.open(root / f"{name}.data",
+                          os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         header = _line({"t": "H", "key": key, "source": source, "base": base})
         tmp = root / f"{name}.journal.tmp"
-        journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                             | os.O_NOFOLLOW, 0o600)
         os.write(journal_fd, header)
         os.rename(tmp, root / f"{name}.journal")
         return cls(root, name, key, source, data_fd, journal_fd, len(header))
@@ -145,8 +192,14 @@ class SpoolEntry:
     def reopen(cls, journal: Path, key: str, source: str) -> SpoolEntry:
         """Open an entry an earlier run left behind (blocking)."""
         name = journal.name.removesuffix(".journal")
-        data_fd = os.open(journal.parent / f"{name}.data", os.O_RDWR | os.O_CREAT, 0o600)
-        journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND)
+        nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+        data_fd = os.open(journal.parent / f"{name}.data", os.O_RDWR | os.O_CREAT | nofollow,
+                          0o600)
+        try:
+            journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND | nofollow)
+        except BaseException:
+            os.close(data_fd)
+            raise
         return cls(journal.parent, name, key, source, data_fd, journal_fd,
                    os.fstat(journal_fd).st_size)
 
@@ -294,7 +347,8 @@ class SpoolEntry:
             if size > max([o + n for o, n in dirty + after] + [base["size"] if base else 0]):
                 lines.append(_line({"t": "T", "s": size}))
             tmp = self.root / f"{new_name}.journal.tmp"
-            jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                          | os.O_NOFOLLOW, 0o600)
             data = b"".join(lines)
             os.write(jfd, data)
         except BaseException:
@@ -350,15 +404,95 @@ def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class JournalCorrupt(ValueError):
+    """A journal record that is not the last one is unreadable or invalid: the entry is
+    damaged. Nothing from the damage on may be trusted, so nothing of it is committed."""
+
+    def __init__(self, path: Path, line: int, why: str) -> None:
+        super().__init__(f"spool journal {path} is damaged at line {line}: {why}")
+        self.path = path
+        self.line = line
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _is_base(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, dict) and isinstance(value.get("etag"), str)
+        and _is_count(value.get("size"))
+        and (value.get("stream") is None or isinstance(value.get("stream"), str)))
+
+
+#: Record kind -> what its fields must hold (replay trusts exactly these).
+_FIELDS: dict[str, dict[str, Any]] = {
+    "H": {"key": lambda v: isinstance(v, str) and v != "",
+          "base": _is_base},
+    "W": {"o": _is_count, "n": _is_count},
+    "T": {"s": _is_count},
+    "P": {"id": lambda v: isinstance(v, str), "s": _is_count},
+    "U": {"token": lambda v: isinstance(v, str) and v != ""},
+    "C": {"etag": lambda v: isinstance(v, str), "size": _is_count,
+          "stream": lambda v: v is None or isinstance(v, str)},
+    "F": {},
+}
+
+
+def check_record(record: Any, first: bool) -> str | None:
+    """Why `record` cannot be replayed (None when it can)."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a record"
+    kind = record.get("t")
+    if first != (kind == "H"):
+        return "the first record must be the header, and only the first"
+    fields = _FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return f"unknown record type {kind!r}"
+    if kind == "H" and not isinstance(record.get("source", ""), str):
+        return "field 'source' is invalid"
+    for name, valid in fields.items():
+        if not valid(record.get(name)):
+            return f"field {name!r} of a {kind} record is missing or invalid"
+    return None
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """Records of a journal; a torn last line (crash mid-append) is ignored (blocking)."""
-    records = []
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except ValueError:
-                break
+    """Validated records of a journal (blocking).
+
+    A torn or invalid *last* line is what a crash mid-append leaves: it was never
+    acknowledged, so it is ignored. An invalid line followed by others is damage.
+
+    Raises:
+        JournalCorrupt: an invalid record before the last one, or no valid header.
+        OSError: the journal cannot be read.
+    """
+    records: list[dict[str, Any]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        # Someone else's journal would commit their bytes with our credentials.
+        raise JournalCorrupt(path, 1, f"owned by uid {owner}, not by this user")
+    with open(fd, "rb") as f:
+        lines = f.read().split(b"\n")
+    # The piece after the last newline is a torn line (or b"" after a complete one).
+    complete, torn = lines[:-1], lines[-1]
+    bad: tuple[int, str] | None = None
+    for number, raw in enumerate(complete, 1):
+        try:
+            record = json.loads(raw)
+            why = check_record(record, first=not records and bad is None)
+        except ValueError as exc:
+            why = f"not JSON ({exc})"
+        if bad is not None:
+            raise JournalCorrupt(path, bad[0], bad[1])
+        if why is not None:
+            bad = (number, why)
+            continue
+        records.append(record)
+    if bad is not None and (bad[0] == 1 or torn):
+        raise JournalCorrupt(path, bad[0], bad[1])
+    if not records:
+        raise JournalCorrupt(path, 1, "no header")
     return records

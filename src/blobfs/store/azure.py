@@ -883,6 +883,23 @@ class AzureStore:
     def blob_name(self, key: str) -> str:
         return self.prefix + key
 
+    @staticmethod
+    def name_problem(name: str) -> str | None:
+        """Why Azure would not keep file name `name` as written (None when it would).
+
+        The service reads `\\` as `/` (so `a\\b` would write the blob `a/b`), drops
+        a trailing `.` from a path segment (`x.` would be `x`) and refuses control
+        characters. Such names are refused with EINVAL before any request. `%` and
+        other URL characters are fine: the SDK percent-encodes the name.
+        """
+        if "\\" in name:
+            return "Azure reads '\\' in a blob name as '/'"
+        if name.endswith("."):
+            return "Azure drops a trailing '.' from a blob name segment"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            return "Azure refuses control characters in blob names"
+        return None
+
     def _blob(self, key: str) -> BlobClient:
         return self._container.get_blob_client(self.blob_name(key))
 

@@ -6,6 +6,11 @@ lock, so a reader never sees a partial version and two mounts of one directory g
 same conditional-commit semantics as S3 or Azure. ETags combine a random token kept in an
 xattr with the inode, mtime and size, so edits made by other tools change them too.
 
+Every path is opened beneath the source directory without following links
+(`blobfs.store.beneath`): others may be able to write the source, and a planted link must
+not let the mount read or replace a file outside it. Symbolic links in the source are
+neither listed nor followed; a key whose path meets one does not exist.
+
 This module must not know about FUSE or the core's data structures.
 """
 
@@ -40,6 +45,7 @@ from blobfs.store.base import (
     lineage_proves_append,
     remember_upload,
 )
+from blobfs.store.beneath import Tree, is_link_error
 from blobfs.types import ETag, ListPage, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -52,9 +58,15 @@ _XATTR_APPENDING = "user.blobfs.appending"
 _COPY_CHUNK = 8 << 20
 
 
+_TMP = f"{INTERNAL}/tmp"
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK  # a FIFO planted in the source must not hang us
+
+
 def classify(exc: BaseException) -> StoreError:
     if isinstance(exc, FileNotFoundError | NotADirectoryError):
         return NotFound(str(exc))
+    if isinstance(exc, OSError) and is_link_error(exc):
+        return NotFound(f"{exc.filename or 'path'} passes through a symbolic link")
     if isinstance(exc, PermissionError):
         return AccessDenied(str(exc))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -104,14 +116,14 @@ class LocalUpload:
         self.base = base
         self._store = store
         self._source = source
-        self._tmp: Path | None = None
+        self._tmp: str | None = None
         self._staged: set[tuple[int, int]] = set()
 
-    async def _tmp_path(self) -> Path:
+    async def _tmp_path(self) -> str:
         # Only a name: the worker thread that first writes it creates the file.
         if self._tmp is None:
             token = secrets.token_hex(8)
-            self._tmp = self._store.root / INTERNAL / "tmp" / token
+            self._tmp = f"{_TMP}/{token}"
             # A crash would leave the temp version behind: the spool journals its name
             # so recovery removes it.
             await remember_upload(self._source, token)
@@ -123,7 +135,7 @@ class LocalUpload:
 
     async def stage(self, off: int, data: bytes) -> None:
         path = await self._tmp_path()
-        await self._store.io.call("write", _pwrite, path, off, data)
+        await self._store.io.call("write", _pwrite, self._store.tree, path, off, data)
         self._mark_staged(off, len(data))
 
     async def stage_pending(self, off: int, size: int) -> None:
@@ -134,7 +146,8 @@ class LocalUpload:
             await self.stage(off, await source.read_pending(off, size))
             return
         path = await self._tmp_path()
-        await self._store.io.call("write", _copy_pending, source, path, [Range(off, size)])
+        await self._store.io.call("write", _copy_pending, source, self._store.tree, path,
+                                  [Range(off, size)])
         self._mark_staged(off, size)
 
     def discard_nowait(self, off: int) -> None:
@@ -160,24 +173,25 @@ class LocalUpload:
         self._staged.clear()
         return meta
 
-    async def _fill(self, path: Path, gaps: list[Range]) -> None:
+    async def _fill(self, path: str, gaps: list[Range]) -> None:
         """Write the pending bytes of `gaps` into the temp file."""
         if not gaps:
             return
         source = self._source
         if isinstance(source, FilePendingSource):
-            await self._store.io.call("write", _copy_pending, source, path, gaps)
+            await self._store.io.call("write", _copy_pending, source, self._store.tree, path,
+                                      gaps)
             return
         for gap in gaps:
             for off in range(gap.off, gap.end, _COPY_CHUNK):
                 n = min(_COPY_CHUNK, gap.end - off)
                 data = await source.read_pending(off, n)
-                await self._store.io.call("write", _pwrite, path, off, data)
+                await self._store.io.call("write", _pwrite, self._store.tree, path, off, data)
 
     async def abort(self) -> None:
         if self._tmp is not None:
             tmp, self._tmp = self._tmp, None
-            await self._store.io.call("write", _unlink_quiet, tmp)
+            await self._store.io.call("write", _unlink_quiet, self._store.tree, tmp)
 
 
 def _only_appends(base: ObjectMeta | None, plan: Sequence[tuple[str, Range]]) -> bool:
@@ -200,28 +214,30 @@ def _uncovered(r: Range, staged: Sequence[tuple[int, int]]) -> Iterator[Range]:
         yield Range(pos, r.end - pos)
 
 
-def _open_tmp(path: Path) -> int:
-    """Open (creating) a temp version file; the tmp directory comes back if it was removed."""
+def _open_tmp(tree: Tree, rel: str) -> int:
+    """Open (creating) a temp version file; the tmp directory comes back if it was removed.
+    A link planted in its place (or at .blobfs or .blobfs/tmp) fails with ELOOP."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        return tree.open(rel, os.O_RDWR | os.O_CREAT, 0o666)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        tree.mkdirs(rel.rpartition("/")[0])
+        return tree.open(rel, os.O_RDWR | os.O_CREAT, 0o666)
 
 
-def _pwrite(path: Path, off: int, data: bytes) -> None:
-    fd = _open_tmp(path)
+def _pwrite(tree: Tree, path: str, off: int, data: bytes) -> None:
+    fd = _open_tmp(tree, path)
     try:
         _pwrite_fd(fd, off, data)
     finally:
         os.close(fd)
 
 
-def _copy_pending(source: FilePendingSource, path: Path, ranges: Sequence[Range]) -> None:
+def _copy_pending(source: FilePendingSource, tree: Tree, path: str,
+                  ranges: Sequence[Range]) -> None:
     """Copy `ranges` of the source's file to the same offsets of `path` (blocking)."""
     src_fd = source.open_pending_sync()
     try:
-        dst_fd = _open_tmp(path)
+        dst_fd = _open_tmp(tree, path)
         try:
             for r in ranges:
                 _copy_same_offsets(src_fd, dst_fd, r)
@@ -260,14 +276,15 @@ def _copy_chunk(src_fd: int, dst_fd: int, off: int, size: int) -> int:
     return len(data)
 
 
-def _unlink_quiet(path: Path) -> None:
+def _unlink_quiet(tree: Tree, rel: str) -> None:
     with suppress(FileNotFoundError):
-        path.unlink()
+        tree.unlink(rel)
 
 
 class LocalStore:
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root
+        self.tree = Tree(root)
         self.display = f"file://{root}"
         self._mode_cache: tuple[int, int] | None = None
         self.io = Blocking(classify, retry_timeout=cfg.retry_timeout,
@@ -287,30 +304,17 @@ class LocalStore:
             self._mode_cache = (bits & 0o666, bits & 0o777)
         return self._mode_cache
 
-    def _make_dirs(self, path: Path) -> None:
-        """mkdir -p with the store's directory mode on each directory it creates."""
-        if path.is_dir():
-            return
-        self._make_dirs(path.parent)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if path.is_dir():
-                return  # made by another thread or mount meanwhile
-            raise
-        os.chmod(path, self._modes()[1])
-
     # --- paths and locking ---------------------------------------------------------------
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> str:
+        """The key's path relative to the root, opened only through `self.tree`."""
         parts = key.rstrip("/").split("/")
         if not key or any(p in ("", ".", "..") for p in parts) or parts[0] == INTERNAL:
             raise BadRequest(f"key {key!r} cannot be stored in a directory")
-        return self.root.joinpath(*parts)
+        return "/".join(parts)
 
     @contextmanager
     def _locked(self, *, shared: bool = False) -> Iterator[None]:
-        lock = self.root / INTERNAL / "lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.tree.open(f"{INTERNAL}/lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -321,24 +325,36 @@ class LocalStore:
     def _check_sync(self) -> None:
         if not self.root.is_dir():
             raise NotFound(f"directory {self.root} does not exist: create it first")
-        (self.root / INTERNAL / "tmp").mkdir(parents=True, exist_ok=True)
-        probe = self.root / INTERNAL / "xattr-probe"
-        probe.touch()
+        try:
+            self.tree.mkdirs(_TMP)
+            probe = self.tree.open(f"{INTERNAL}/xattr-probe", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if is_link_error(exc):
+                raise AccessDenied(f"{self.root}/{INTERNAL} passes through a symbolic link: "
+                                   "remove it") from None
+            raise
         try:
             os.setxattr(probe, _XATTR_TOKEN, b"1")
         except OSError:
             log.warning("%s does not support user xattrs: appends by other mounts will "
                         "look like rewrites", self.root)
+        finally:
+            os.close(probe)
 
     def _head_sync(self, key: str) -> ObjectMeta:
         path = self._path(key)
         if key.endswith("/"):
-            if not path.is_dir():
-                raise NotFound(key)
-            st = path.stat()
+            try:
+                dfd = self.tree.open_dir(path)
+            except OSError:
+                raise NotFound(key) from None
+            try:
+                st = os.fstat(dfd)
+            finally:
+                os.close(dfd)
             return ObjectMeta(key, 0, ETag(f"d-{st.st_ino:x}"), st.st_mtime, {})
         with self._locked(shared=True):  # never half an in-place append (`append_sync`)
-            fd = _open_file(path)
+            fd = _open_file(self.tree, path)
             try:
                 if not _appending(fd):
                     return _meta_of(key, fd)
@@ -349,7 +365,7 @@ class LocalStore:
         return self._head_sync(key)
 
     def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
-        fd = _open_file(self._path(key))
+        fd = _open_file(self.tree, self._path(key))
         try:
             if _etag_of(fd) != etag:
                 raise PreconditionFailed(f"{key}: {etag} is not current")
@@ -365,27 +381,23 @@ class LocalStore:
             return self._list_page(prefix, delimiter, *rest, limit)
         names: list[tuple[str, bool]] = []
         if delimiter == "/" and (prefix == "" or prefix.endswith("/")):
-            directory = self._path(prefix) if prefix else self.root
-            if prefix and token is None and directory.is_dir():
-                # A directory is its own "prefix/" marker, as S3 and Azure list theirs.
-                names.append((prefix, False))
             try:
-                with os.scandir(directory) as it:
-                    for entry in it:
-                        if not prefix and entry.name == INTERNAL:
-                            continue
-                        is_dir = entry.is_dir(follow_symlinks=False)
-                        names.append((prefix + entry.name + ("/" if is_dir else ""), is_dir))
-            except (FileNotFoundError, NotADirectoryError):
-                pass
+                dfd = self.tree.open_dir(self._path(prefix) if prefix else "")
+            except OSError as exc:
+                if not isinstance(exc, FileNotFoundError | NotADirectoryError) and \
+                        not is_link_error(exc):
+                    raise
+            else:
+                if prefix and token is None:
+                    # A directory is its own "prefix/" marker, as S3 and Azure list theirs.
+                    names.append((prefix, False))
+                for name, is_dir in _entries(dfd):
+                    if not prefix and name == INTERNAL:
+                        continue
+                    names.append((prefix + name + ("/" if is_dir else ""), is_dir))
         else:
-            for dirpath, dirnames, filenames in os.walk(self.root):
-                rel = os.path.relpath(dirpath, self.root)
-                rel = "" if rel == "." else rel + "/"
-                if rel == "":
-                    dirnames[:] = [d for d in dirnames if d != INTERNAL]
-                for f in filenames:
-                    names.append((rel + f, False))
+            for rel in self._walk_files(""):
+                names.append((rel, False))
             names = [(n, d) for n, d in names if n.startswith(prefix)]
             if delimiter:
                 grouped: dict[str, bool] = {}
@@ -417,7 +429,7 @@ class LocalStore:
                 objects.append(self._head_sync(name))
                 continue
             try:
-                fd = _open_file(self._path(name))
+                fd = _open_file(self.tree, self._path(name))
             except NotFound:
                 continue  # deleted while listing
             try:
@@ -426,35 +438,50 @@ class LocalStore:
                 os.close(fd)
         return ListPage(objects, [n for n, d in page if d], page[-1][0] if more else None)
 
+    def _walk_files(self, rel: str) -> Iterator[str]:
+        """Every regular file beneath directory `rel`, never through a link (blocking)."""
+        try:
+            dfd = self.tree.open_dir(rel)
+        except OSError:
+            return
+        for name, is_dir in _entries(dfd):
+            if not rel and name == INTERNAL:
+                continue
+            path = f"{rel}/{name}" if rel else name
+            if is_dir:
+                yield from self._walk_files(path)
+            else:
+                yield path
+
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
         with self._locked():
             try:
                 if key.endswith("/"):
-                    path.rmdir()
+                    self.tree.rmdir(path)
                 else:
-                    path.unlink()
+                    self.tree.unlink(path)
             except (FileNotFoundError, NotADirectoryError):
                 pass
             except OSError as exc:
-                if exc.errno != errno.ENOTEMPTY:
+                if exc.errno != errno.ENOTEMPTY and not is_link_error(exc):
                     raise
 
     def _copy_sync(self, src: ObjectMeta, dst_key: str, metadata: dict[str, str]) -> ObjectMeta:
-        tmp = self.root / INTERNAL / "tmp" / secrets.token_hex(8)
-        tmp.touch()
+        tmp = f"{_TMP}/{secrets.token_hex(8)}"
+        os.close(_open_tmp(self.tree, tmp))
         try:
             plan = [("base", Range(0, src.size))] if src.size else []
             return self.commit_sync(dst_key, None, tmp, plan, [], metadata, src=src,
                                     overwrite=True)
         finally:
-            _unlink_quiet(tmp)
+            _unlink_quiet(self.tree, tmp)
 
     def commit_sync(
         self,
         key: str,
         base: ObjectMeta | None,
-        tmp: Path,
+        tmp: str,
         plan: list[tuple[str, Range]],
         staged: list[tuple[int, int]],
         metadata: dict[str, str],
@@ -467,11 +494,11 @@ class LocalStore:
         copy_from = src or base
         base_fd = -1
         if copy_from is not None:
-            base_fd = _open_file(self._path(copy_from.key))
+            base_fd = _open_file(self.tree, self._path(copy_from.key))
         try:
             if copy_from is not None and _etag_of(base_fd) != copy_from.etag:
                 raise PreconditionFailed(f"{copy_from.key} moved on from {copy_from.etag}")
-            fd = _open_tmp(tmp)
+            fd = _open_tmp(self.tree, tmp)
             try:
                 size = plan[-1][1].end if plan else 0
                 for kind, r in plan:
@@ -495,22 +522,18 @@ class LocalStore:
                 current = self._current_etag(path)
                 expected = base.etag if base else None
                 if current != expected:
-                    _unlink_quiet(tmp)
+                    _unlink_quiet(self.tree, tmp)
                     raise PreconditionFailed(f"{key} moved on from {expected}")
-            self._make_dirs(path.parent)
-            os.rename(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            # Beneath the root: a linked directory on the way fails (ELOOP); a link at
+            # the key itself is replaced by the new version, never written through.
+            self.tree.rename(tmp, path, dir_mode=self._modes()[1])
         return meta
 
     def append_sync(
         self,
         key: str,
         base: ObjectMeta | None,
-        tmp: Path,
+        tmp: str,
         plan: list[tuple[str, Range]],
         staged: list[tuple[int, int]],
         metadata: dict[str, str],
@@ -527,19 +550,19 @@ class LocalStore:
         try:
             meta = self._append_locked(key, path, base, tmp, plan, metadata)
         finally:
-            _unlink_quiet(tmp)
+            _unlink_quiet(self.tree, tmp)
         return meta
 
-    def _append_locked(self, key: str, path: Path, base: ObjectMeta, tmp: Path,
+    def _append_locked(self, key: str, path: str, base: ObjectMeta, tmp: str,
                        plan: list[tuple[str, Range]], metadata: dict[str, str]) -> ObjectMeta:
         with self._locked():
             self._undo_append(path)
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = self.tree.open(path, os.O_RDWR)
             try:
                 if _etag_of(fd) != base.etag:
                     raise PreconditionFailed(f"{key} moved on from {base.etag}")
                 os.setxattr(fd, _XATTR_APPENDING, str(base.size).encode())
-                tmp_fd = _open_tmp(tmp)
+                tmp_fd = _open_tmp(self.tree, tmp)
                 try:
                     for kind, r in plan:
                         if kind == "dirty":
@@ -556,10 +579,10 @@ class LocalStore:
             finally:
                 os.close(fd)
 
-    def _undo_append(self, path: Path) -> bool:
+    def _undo_append(self, path: str) -> bool:
         """Cut back an in-place append a crash interrupted (call with the lock held)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = self.tree.open(path, os.O_RDWR | os.O_NONBLOCK)
         except OSError:
             return False
         try:
@@ -576,18 +599,26 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def _current_etag(self, path: Path) -> ETag | None:
+    def _current_etag(self, path: str) -> ETag | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = self.tree.open(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if is_link_error(exc) and exc.errno == errno.ELOOP:
+                try:
+                    if stat.S_ISLNK(self.tree.lstat(path).st_mode):
+                        return None  # an invisible link at the key: the commit replaces it
+                except OSError:
+                    pass
+            raise
         try:
             return _etag_of(fd)
         finally:
             os.close(fd)
 
     def _mkdir_sync(self, key: str) -> ObjectMeta:
-        self._make_dirs(self._path(key))
+        self.tree.mkdirs(self._path(key), mode=self._modes()[1])
         return self._head_sync(key)
 
     # --- the protocol -------------------------------------------------------------------
@@ -623,13 +654,13 @@ class LocalStore:
         """`DropsOrphans`: remove the temp version `token` a crashed run left behind."""
         if not token or token != os.path.basename(token) or token in (".", ".."):
             raise BadRequest(f"not a temp version name: {token!r}")
-        await self.io.call("write", _unlink_quiet, self.root / INTERNAL / "tmp" / token)
+        await self.io.call("write", _unlink_quiet, self.tree, f"{_TMP}/{token}")
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
         return lineage_proves_append(old, new)
 
     async def aclose(self) -> None:
-        pass
+        self.tree.close()
 
 
 class _DirUpload:
@@ -656,15 +687,38 @@ class _DirUpload:
         pass
 
 
-def _open_file(path: Path) -> int:
+def _open_file(tree: Tree, path: str) -> int:
+    """A regular file beneath the root; NotFound for anything else (links included)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = tree.open(path, _READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(str(path)) from None
-    if not os.path.isfile(f"/proc/self/fd/{fd}"):
+        raise NotFound(path) from None
+    except OSError as exc:
+        if is_link_error(exc):
+            raise NotFound(f"{path} passes through a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotFound(f"{path} is not a file")
     return fd
+
+
+def _entries(dfd: int) -> list[tuple[str, bool]]:
+    """(name, is_dir) of the regular files and directories in `dfd`, which it closes.
+    Links, FIFOs, sockets and devices are left out."""
+    out = []
+    try:
+        with os.scandir(dfd) as it:
+            for entry in it:
+                try:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                except OSError:
+                    continue  # deleted while listing
+                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                    out.append((entry.name, stat.S_ISDIR(mode)))
+    finally:
+        os.close(dfd)
+    return out
 
 
 def _copy_range(src_fd: int, dst_fd: int, r: Range) -> None:
