@@ -20,6 +20,8 @@ STORE_MODULES = {
     "memory": "tests.support.memory_env",
     "file": "tests.support.local_env",
     "s3": "tests.support.s3_env",
+    #: A second S3 server, a real one: Ceph's RADOS Gateway (rgw_env).
+    "rgw": "tests.support.rgw_env",
     "az": "tests.support.azure_env",
 }
 ALL_KINDS = [k for k, m in STORE_MODULES.items() if importlib.util.find_spec(m) is not None]
@@ -86,6 +88,35 @@ def moto(server_for: Callable[[str], Any]) -> Any:
 @pytest.fixture
 def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
     return make_store_env(server_for, "s3")
+
+
+#: Both S3 servers: the emulator and a real one (Ceph RGW). Tests of what every S3 server
+#: must do take `s3_server`/`s3_server_env`; moto-only ones keep `moto`/`s3env`.
+S3_SERVERS = ["s3", "rgw"]
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def s3_server(s3_kind: str, server_for: Callable[[str], Any]) -> Any:
+    return server_for(s3_kind)
+
+
+@pytest.fixture
+def s3_server_env(s3_kind: str, server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, s3_kind)
+
+
+@pytest.fixture
+def s3_server_proxy(s3_server: Any) -> Iterator[Any]:
+    """A counting proxy in front of `s3_server`."""
+    from tests.support.proxy import Proxy
+
+    with Proxy(s3_server.url) as p:
+        yield p
 
 
 @pytest.fixture
