@@ -40,7 +40,7 @@ from blobfs.store.base import (
     lineage_proves_append,
     remember_upload,
 )
-from blobfs.types import ETag, ListPage, ObjectMeta
+from blobfs.types import ETag, ListPage, ObjectMeta, metadata_from_store
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _appending(fd: int) -> bool:
 def _meta_of(key: str, fd: int) -> ObjectMeta:
     st = os.fstat(fd)
     try:
-        metadata = json.loads(os.getxattr(fd, _XATTR_META))
+        metadata = metadata_from_store(json.loads(os.getxattr(fd, _XATTR_META)))
     except (OSError, ValueError):
         metadata = {}
     return ObjectMeta(key, st.st_size, _etag_of(fd), st.st_mtime, metadata)
