@@ -182,6 +182,12 @@ def render(snap: dict[str, Any], *, peak: int | None = None, now: float | None =
     ]
     if peak is not None:
         rows.insert(2, ("drain", progress_bar(pending, peak)))
+    failing = snap.get("failing") or []
+    if snap.get("failing_files"):
+        rows.append(("FAILING", f"{snap['failing_files']} files cannot be committed "
+                                "(data kept in the spool, retried)"))
+        rows += [("", f"{f.get('key')}: {f.get('failures')} attempts, {f.get('error')}")
+                 for f in failing]
     lines += [f"  {label:<15} {value}" for label, value in rows]
     return redact("\n".join(lines)) + "\n"
 

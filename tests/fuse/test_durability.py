@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support import s3_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import blobfs_cmd, mount_env, mounted
-from tests.support.s3_env import MotoServer
 from tests.support.waiting import wait_for
 
 
@@ -159,9 +159,10 @@ def _staged_and_killed(env: StoreEnv, tmp_path: Path, cache: Path, data: bytes,
 
 
 def test_recovery_aborts_the_multipart_upload_of_a_crashed_run(
-    s3env: StoreEnv, moto: MotoServer, tmp_path: Path,
+    s3_server_env: StoreEnv, s3_server: Any, tmp_path: Path,
 ) -> None:
-    client, bucket = moto.client(), s3_env.bucket_of(s3env)
+    s3env = s3_server_env
+    client, bucket = s3_server.client(), s3_env.bucket_of(s3env)
 
     def uploads() -> int:
         return len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 KiB = 1 << 10
 MiB = 1 << 20
 #: Stores with an HTTP endpoint a proxy can sit in front of.
-HTTP_KINDS = ["s3", "az"]
+HTTP_KINDS = ["s3", "rgw", "az"]
 
 
 @pytest.fixture
