@@ -331,7 +331,8 @@ async def test_large_append_copies_server_side_and_uploads_the_tail(
 ) -> None:
     data = os.urandom(20 * MiB + 3)
     v1 = await put_bytes(store, "big", data, base=None, metadata=LINEAGE)
-    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart",
+    # The HEAD proves the key still absent: RGW ignores If-None-Match on Complete.
+    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart", "HeadObject",
                           "CompleteMultipartUpload"]
     assert proxy.stats()["bytes_up"] < len(data) + 4096
     proxy.reset()
@@ -925,7 +926,9 @@ async def test_multipart_commit_returns_the_current_etag(
     HEAD, so the next commit's If-Match names the version that is really there."""
     store = server_store
     first = os.urandom(6 * MiB)
-    v1 = await put_bytes(store, "big", first, base=None, metadata=LINEAGE)
+    up = store.begin_upload("big", None, BytesSource(first, 0), metadata=LINEAGE)
+    await up.stage(0, first[:MIN_PART])  # a staged part: the commit is a multipart upload
+    v1 = await up.commit(len(first), [Range(0, len(first))], LINEAGE)
     assert "CompleteMultipartUpload" in ops(s3_server_proxy)
     head = await store.head("big")
     assert v1.etag == head.etag and v1.etag.endswith('-2"'), (v1.etag, head.etag)
@@ -937,6 +940,23 @@ async def test_multipart_commit_returns_the_current_etag(
     # A copy ends the same way: with the ETag the destination really has.
     c = await store.copy(v2, "copy", LINEAGE)
     assert c.etag == (await store.head("copy")).etag
+
+
+async def test_large_create_loses_to_a_key_created_meanwhile(
+    server_store: S3Store, s3_server: Any, s3_server_env: StoreEnv,
+) -> None:
+    """RGW ignores If-None-Match on CompleteMultipartUpload: the HEAD before Complete
+    catches a key another writer created meanwhile (not atomic there; S3 enforces it)."""
+    store = server_store
+    data = os.urandom(6 * MiB)
+    up = store.begin_upload("race", None, BytesSource(data, 0), metadata=LINEAGE)
+    await up.stage(0, data[:MIN_PART])
+    s3_server.client().put_object(Bucket=s3_env.bucket_of(s3_server_env), Key="pfx/race",
+                                  Body=b"the other writer won")
+    with pytest.raises(PreconditionFailed):
+        await up.commit(len(data), [Range(0, len(data))], LINEAGE)
+    assert await read_all(store, await store.head("race")) == b"the other writer won"
+    await no_uploads_left(store)
 
 
 async def test_lineage_metadata_survives_the_server_in_either_spelling(

@@ -15,12 +15,13 @@ the core is `PendingSource.read_pending`. Every SDK call runs in a worker thread
 S3-compatible servers differ (docs/server-compatibility.md has the table); this module
 copes by what a server does, never by its name:
 - Conditions not enforced: moto 5.2.5 and Ceph RGW 16.2 ignore `If-Match` on
-  `CompleteMultipartUpload` and `x-amz-copy-source-if-match` on `UploadPartCopy` and
-  `CopyObject`. The real conditions are always sent (S3 enforces them atomically); in
-  addition a large commit does a HEAD of the base right before Complete, and `copy` a
-  conditional HEAD of the source. Those checks are not atomic: on such a server a writer
-  that slips in between HEAD and Complete still loses its update. The tests enforce the
-  real conditions with a proxy in front of moto (`tests/support/proxy.py: S3Conditions`).
+  `CompleteMultipartUpload` (RGW also `If-None-Match`) and `x-amz-copy-source-if-match`
+  on `UploadPartCopy` and `CopyObject`. The real conditions are always sent (S3 enforces
+  them atomically); in addition a large commit does a HEAD of the base (or, for a new
+  key, of its absence) right before Complete, and `copy` a conditional HEAD of the
+  source. Those checks are not atomic: on such a server a writer that slips in between
+  HEAD and Complete still loses its update. The tests enforce the real conditions with a
+  proxy in front of moto (`tests/support/proxy.py: S3Conditions`).
 - If-Match spelling on PutObject: RGW refuses the quoted ETag (its own HEAD's form) with
   412 and accepts it unquoted. A 412 whose HEAD shows the base unchanged is the server
   refusing our spelling, not a conflict: the put is sent once more with the other
@@ -699,12 +700,18 @@ class S3Upload:
         return etags
 
     async def _check_base(self) -> None:
-        """HEAD the base before completing: servers that ignore If-Match (moto) get caught.
+        """HEAD the base before completing: servers that ignore If-Match (moto, RGW) or
+        If-None-Match (RGW) on CompleteMultipartUpload get caught.
 
-        Not atomic (a writer can slip in after it); real S3 enforces If-Match itself.
+        Not atomic (a writer can slip in after it); real S3 enforces both itself.
         """
         if self.base is None:
-            return  # If-None-Match on Complete is honoured even by moto
+            try:
+                await self._store._call("meta", "head_object", Key=self._store._full(self.key),
+                                        _idempotent=True)
+            except NotFound:
+                return
+            raise PreconditionFailed(f"{self.key} was created by another writer")
         try:
             await self._store._call("meta", "head_object", Key=self._store._full(self.key),
                                     IfMatch=self.base.etag, _idempotent=True)
