@@ -56,6 +56,8 @@ class RgwServer:
     url: str
     port: int
     state_dir: Path
+    #: The gateway's PID (the bench meters its CPU).
+    pid: int = 0
 
     def log(self) -> str:
         out = []
@@ -253,7 +255,8 @@ def server(tmp: Path) -> Iterator[RgwServer]:
                      "users": []}
         state["users"].append(me)
         info.write_text(json.dumps(state))
-    srv = RgwServer(f"http://127.0.0.1:{state['port']}", state["port"], Path(state["dir"]))
+    srv = RgwServer(f"http://127.0.0.1:{state['port']}", state["port"], Path(state["dir"]),
+                    pid=state["pids"][-1])
     try:
         yield srv
     finally:
