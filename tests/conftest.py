@@ -35,6 +35,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long-io", action="store_true", default=False,
                      help="run the long differential random-operation test (100,000 ops "
                           "on file://, about 3 minutes): scripts/test --long-io")
+    parser.addoption("--rgw-full", action="store_true",
+                     help="also run the RGW variants marked rgw_full (fault tests, ~70 s)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Deselected, not skipped: they are a longer tier, not a missing feature.
+    if config.getoption("--rgw-full"):
+        return
+    kept = [i for i in items if i.get_closest_marker("rgw_full") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

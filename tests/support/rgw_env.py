@@ -201,6 +201,13 @@ class _Cluster:
                 raise RuntimeError("radosgw did not answer:\n"
                                    + RgwServer("", rgw_port, self.state).log())
             time.sleep(0.05)
+        # The first bucket and the first object make the gateway create its index and data
+        # pools (~4 s): pay that here, not inside the first test's timing.
+        client = s3_env.s3_client(f"http://127.0.0.1:{rgw_port}")
+        client.create_bucket(Bucket="blobfs-warm-up")
+        client.put_object(Bucket="blobfs-warm-up", Key="k", Body=b"x")
+        client.delete_object(Bucket="blobfs-warm-up", Key="k")
+        client.delete_bucket(Bucket="blobfs-warm-up")
         return rgw_port
 
     def stop(self) -> None:
