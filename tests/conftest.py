@@ -25,8 +25,14 @@ STORE_MODULES = {
     "az": "tests.support.azure_env",
 }
 ALL_KINDS = [k for k, m in STORE_MODULES.items() if importlib.util.find_spec(m) is not None]
+#: RGW in a kind list whose tests run on it only with `scripts/test --rgw-full` (the default
+#: suite's time budget covers the S3 contract suite and the mount tests that take
+#: `WITH_RGW` explicitly: round trip, tail, stale, crash, appends).
+RGW_FULL = pytest.param("rgw", marks=pytest.mark.rgw_full)
 #: Kinds two mount processes can share (memory:// lives inside one process).
-SHARED_KINDS = [k for k in ALL_KINDS if k != "memory"]
+SHARED_KINDS: list[Any] = [RGW_FULL if k == "rgw" else k for k in ALL_KINDS if k != "memory"]
+#: SHARED_KINDS with RGW in the default suite.
+WITH_RGW = [k for k in ALL_KINDS if k != "memory"]
 
 _unique = itertools.count()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RGW_FULL
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.outside import (
@@ -44,7 +45,6 @@ MiB = 1 << 20
 #: Stores with an HTTP endpoint a proxy can sit in front of.
 #: The RGW runs of the fault tests (~70 s) go beyond the default suite's time budget: they
 #: run with `scripts/test --rgw-full` (tests/conftest.py).
-RGW_FULL = pytest.param("rgw", marks=pytest.mark.rgw_full)
 HTTP_KINDS = ["s3", RGW_FULL, "az"]
 
 
@@ -377,7 +377,6 @@ def test_two_mounts_append_whole_lines_to_one_blob(
 
 # --- 4. a replacement race -------------------------------------------------------------------
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("store_env", ["file", "s3", RGW_FULL, "az"], indirect=True)
 def test_replaced_blob_fails_pending_appends_and_saves_them_aside(
     store_env: StoreEnv, tmp_path: Path
 ) -> None:
