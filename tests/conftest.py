@@ -42,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the long differential random-operation test (100,000 ops "
                           "on file://, about 3 minutes): scripts/test --long-io")
     parser.addoption("--rgw-full", action="store_true",
-                     help="also run the RGW variants marked rgw_full (fault tests, ~70 s)")
+                     help="also run the RGW variants marked rgw_full (9 mount tests, ~2 min)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

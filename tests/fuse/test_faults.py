@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 KiB = 1 << 10
 MiB = 1 << 20
 #: Stores with an HTTP endpoint a proxy can sit in front of.
-#: The RGW runs of the fault tests (~70 s) go beyond the default suite's time budget: they
+#: The RGW runs of the fault tests (~50 s) go beyond the default suite's time budget: they
 #: run with `scripts/test --rgw-full` (tests/conftest.py).
 HTTP_KINDS = ["s3", RGW_FULL, "az"]
 
