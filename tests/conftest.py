@@ -20,11 +20,19 @@ STORE_MODULES = {
     "memory": "tests.support.memory_env",
     "file": "tests.support.local_env",
     "s3": "tests.support.s3_env",
+    #: A second S3 server, a real one: Ceph's RADOS Gateway (rgw_env).
+    "rgw": "tests.support.rgw_env",
     "az": "tests.support.azure_env",
 }
 ALL_KINDS = [k for k, m in STORE_MODULES.items() if importlib.util.find_spec(m) is not None]
+#: RGW in a kind list whose tests run on it only with `scripts/test --rgw-full` (the default
+#: suite's time budget covers the S3 contract suite and the mount tests that take
+#: `WITH_RGW` explicitly: round trip, tail, stale, crash, appends).
+RGW_FULL = pytest.param("rgw", marks=pytest.mark.rgw_full)
 #: Kinds two mount processes can share (memory:// lives inside one process).
-SHARED_KINDS = [k for k in ALL_KINDS if k != "memory"]
+SHARED_KINDS: list[Any] = [RGW_FULL if k == "rgw" else k for k in ALL_KINDS if k != "memory"]
+#: SHARED_KINDS with RGW in the default suite.
+WITH_RGW = [k for k in ALL_KINDS if k != "memory"]
 
 _unique = itertools.count()
 
@@ -33,6 +41,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long-io", action="store_true", default=False,
                      help="run the long differential random-operation test (100,000 ops "
                           "on file://, about 3 minutes): scripts/test --long-io")
+    parser.addoption("--rgw-full", action="store_true",
+                     help="also run the RGW variants marked rgw_full (9 mount tests, ~2 min)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Deselected, not skipped: they are a longer tier, not a missing feature.
+    if config.getoption("--rgw-full"):
+        return
+    kept = [i for i in items if i.get_closest_marker("rgw_full") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +106,35 @@ def moto(server_for: Callable[[str], Any]) -> Any:
 @pytest.fixture
 def s3env(server_for: Callable[[str], Any]) -> StoreEnv:
     return make_store_env(server_for, "s3")
+
+
+#: Both S3 servers: the emulator and a real one (Ceph RGW). Tests of what every S3 server
+#: must do take `s3_server`/`s3_server_env`; moto-only ones keep `moto`/`s3env`.
+S3_SERVERS = ["s3", "rgw"]
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def s3_server(s3_kind: str, server_for: Callable[[str], Any]) -> Any:
+    return server_for(s3_kind)
+
+
+@pytest.fixture
+def s3_server_env(s3_kind: str, server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, s3_kind)
+
+
+@pytest.fixture
+def s3_server_proxy(s3_server: Any) -> Iterator[Any]:
+    """A counting proxy in front of `s3_server`."""
+    from tests.support.proxy import Proxy
+
+    with Proxy(s3_server.url) as p:
+        yield p
 
 
 @pytest.fixture

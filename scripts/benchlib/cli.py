@@ -45,7 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="smaller sizes and counts (64 MiB sequential, 200 appends): ~5 min")
     p.add_argument("--peers", action="store_true",
                    help="also run s3fs and rclone (off and writes VFS cache modes)")
-    p.add_argument("--stores", default="file,s3,az", help="comma-separated: file,s3,az")
+    p.add_argument("--stores", default="file,s3,az",
+                   help="comma-separated: file,s3,rgw,az (rgw: S3 on Ceph's RADOS Gateway)")
     p.add_argument("--only", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma-separated workloads: {','.join(WORKLOADS)} (default: "
                    f"{','.join(DEFAULT_WORKLOADS)})")

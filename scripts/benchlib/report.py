@@ -16,8 +16,9 @@ from typing import Any
 
 from benchlib.common import MiB
 
-STORE_TITLE = {"file": "file://", "s3": "s3:// (moto)", "az": "az:// (Azurite)"}
-SDK_NAME = {"file": "plain file I/O", "s3": "boto3", "az": "azure-storage-blob"}
+STORE_TITLE = {"file": "file://", "s3": "s3:// (moto)", "rgw": "s3:// (Ceph RGW)",
+               "az": "az:// (Azurite)"}
+SDK_NAME = {"file": "plain file I/O", "s3": "boto3", "rgw": "boto3", "az": "azure-storage-blob"}
 ORDER = ["sdk", "blobfs", "s3fs", "rclone", "rclone-writes"]
 
 Records = list[dict[str, Any]]
@@ -84,7 +85,7 @@ def _systems(records: Records) -> list[str]:
 
 def _stores(records: Records) -> list[str]:
     seen = {r["store"] for r in records}
-    return [s for s in ("file", "s3", "az") if s in seen]
+    return [s for s in ("file", "s3", "rgw", "az") if s in seen]
 
 
 def main_table(t: Table, records: Records, meta: dict[str, Any]) -> list[str]:

@@ -1,4 +1,6 @@
-"""The three stores the bench runs on, each reached directly or through a counting proxy.
+"""The stores the bench runs on, each reached directly or through a counting proxy:
+file://, S3 on moto, S3 on Ceph's RADOS Gateway (a real S3 server, `--stores rgw`) and
+Azure on Azurite.
 
 A `Backend` knows how blobfs mounts it (source URL, environment, `-o` options), how the
 plain SDK reaches it (the ceiling: boto3, azure-storage-blob, or plain file I/O for
@@ -213,6 +215,13 @@ class S3Backend(Backend):
         self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
 
 
+class RgwBackend(S3Backend):
+    """S3 on Ceph RGW (tests/support/rgw_env): unlike moto it does not cap the figures, so
+    blobfs's own S3 path shows."""
+
+    kind = "rgw"
+
+
 class AzBackend(Backend):
     kind = "az"
 
@@ -306,6 +315,12 @@ def start(kinds: list[str], work: Path) -> Iterator[Servers]:
                 server = stack.enter_context(s3_env.server(work))
                 log(f"moto server on {server.url} (pid {server.proc.pid})")
                 out.backends["s3"] = S3Backend(server, f"bench-{unique}")
+            elif kind == "rgw":
+                from tests.support import rgw_env
+
+                server = stack.enter_context(rgw_env.server(work))
+                log(f"Ceph RGW on {server.url} (radosgw pid {server.pid})")
+                out.backends["rgw"] = RgwBackend(server, f"bench-{unique}")
             elif kind == "az":
                 from tests.support import azure_env
 
@@ -313,5 +328,5 @@ def start(kinds: list[str], work: Path) -> Iterator[Servers]:
                 log(f"Azurite on {server.endpoint} (pid {server.pid})")
                 out.backends["az"] = AzBackend(server, f"bench-{unique}")
             else:
-                raise BenchError(f"unknown store {kind!r} (file, s3, az)")
+                raise BenchError(f"unknown store {kind!r} (file, s3, rgw, az)")
         yield out

@@ -184,6 +184,12 @@ def render(snap: dict[str, Any], *, peak: int | None = None, now: float | None =
         rows.insert(2, ("drain", progress_bar(pending, peak)))
     for journal in snap.get("damaged_journals") or []:
         rows.append(("DAMAGED spool", f"{journal} (kept, not committed)"))
+    failing = snap.get("failing") or []
+    if snap.get("failing_files"):
+        rows.append(("FAILING", f"{snap['failing_files']} files cannot be committed "
+                                "(data kept in the spool, retried)"))
+        rows += [("", f"{f.get('key')}: {f.get('failures')} attempts, {f.get('error')}")
+                 for f in failing]
     lines += [f"  {label:<15} {value}" for label, value in rows]
     return redact("\n".join(lines)) + "\n"
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds of commit history the upload rate averages over.
 RATE_WINDOW = 10.0
+#: Files whose commits keep failing named in a snapshot (all are counted).
+FAILING_SHOWN = 10
 #: Longest path a UNIX socket address can hold (sun_path, with its NUL).
 MAX_SOCKET_PATH = 107
 
@@ -160,7 +162,9 @@ class Telemetry:
         lag = 0.0
         stats: Mapping[str, int] = {}
         stopping = False
+        failing: list[tuple[str, int, str]] = []
         if fs is not None:
+            failing = fs.failing()
             open_files, pending, lag = fs.pending_summary()
             stats = fs.stats
             stopping = fs.shutting_down
@@ -180,6 +184,9 @@ class Telemetry:
             "last_commit_at": self.meter.last_commit_at,
             "commits": int(stats.get("commits", 0)),
             "commit_errors": int(stats.get("commit_errors", 0)),
+            "failing_files": len(failing),
+            "failing": [{"key": key, "failures": n, "error": err}
+                        for key, n, err in sorted(failing)[:FAILING_SHOWN]],
             "conflicts": int(stats.get("conflicts", self.meter.conflicts)),
             "retries": store_retries(self.store),
             "committed_bytes": self.meter.committed_bytes,
@@ -210,6 +217,9 @@ class Telemetry:
         line += f", {human_bytes(s['upload_rate_bytes_per_second'])}/s up, {s['commits']} commits"
         if s["commit_errors"]:
             line += f", {s['commit_errors']} errors"
+        if s["failing_files"]:
+            first = s["failing"][0]["key"] if s["failing"] else "?"
+            line += f", {s['failing_files']} files failing to commit (first: {first})"
         if s["state"] == "stopping":
             line = "stopping: committing what is pending; " + line
         return line

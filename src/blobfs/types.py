@@ -14,12 +14,39 @@ Ino = NewType("Ino", int)
 Fh = NewType("Fh", int)
 ETag = NewType("ETag", str)
 
-# User-metadata names that carry lineage. Lower case because S3 servers (moto among them)
-# lower-case metadata keys, and Azure forbids '-' in metadata names.
-META_STREAM = "blobfs_stream"
-META_MTIME = "blobfs_mtime"
+# User-metadata names that carry lineage: lower case, with hyphens. Every S3 server keeps
+# such a name as sent (moto and S3 lower-case names; Ceph RGW turns '_' into '-', so the
+# underscore spelling blobfs used first came back changed and hid the lineage). Azure
+# forbids '-' in metadata names: its store writes them with '_' (`identifier_metadata`).
+# Every store reads either spelling through `metadata_from_store`.
+META_PREFIX = "blobfs-"
+META_STREAM = "blobfs-stream"
+META_MTIME = "blobfs-mtime"
 #: A random id per commit attempt: recovery checks it to see if an interrupted commit landed.
-META_COMMIT = "blobfs_commit"
+META_COMMIT = "blobfs-commit"
+#: How blobfs spelled its names before, and how Azure stores them.
+_UNDERSCORE_PREFIX = "blobfs_"
+
+
+def metadata_from_store(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """User metadata as a store returned it, in blobfs's spelling: lower-case names, and
+    blobfs's own names with hyphens whichever way the server or an old version wrote them.
+    """
+    out: dict[str, str] = {}
+    for name, value in (metadata or {}).items():
+        name = name.lower()
+        if name.startswith(_UNDERSCORE_PREFIX):
+            name = META_PREFIX + name[len(_UNDERSCORE_PREFIX):].replace("_", "-")
+        out[name] = value
+    return out
+
+
+def identifier_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """blobfs's own names spelled as identifiers ('_' for '-'), for stores that forbid '-'."""
+    return {
+        (name.replace("-", "_") if name.startswith(META_PREFIX) else name): value
+        for name, value in metadata.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)

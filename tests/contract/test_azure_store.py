@@ -56,7 +56,7 @@ from blobfs.store.azure import (
     resolve_access,
 )
 from blobfs.store.base import BytesSource, Range, put_bytes, read_all
-from blobfs.types import META_STREAM, ObjectMeta
+from blobfs.types import META_STREAM, ObjectMeta, identifier_metadata
 from tests.support import azure_env
 from tests.support.envs import free_port
 from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, ProxyResponse, error_response
@@ -309,7 +309,7 @@ async def test_rebase_after_another_commit_restages_everything(box: Box) -> None
     raw.stage_block("t" * len(block_id_bytes(committed[0])), theirs)
     raw.commit_block_list(
         committed + [BlobBlock("t" * len(block_id_bytes(committed[0])))],
-        metadata={META_STREAM: "s"},
+        metadata=identifier_metadata({META_STREAM: "s"}),  # as blobfs spells it on Azure
     )
     assert box.blob("log").get_block_list("uncommitted")[1] == []  # ours are gone
 

@@ -48,7 +48,7 @@ from blobfs.store.s3 import (
     plan_parts,
     split_copy,
 )
-from blobfs.types import META_STREAM, ObjectMeta
+from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta
 from tests.support import s3_env
 from tests.support.envs import StoreEnv, free_port
 from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, S3Conditions, error_response
@@ -274,6 +274,18 @@ async def store(s3env: StoreEnv, proxy: Proxy) -> AsyncIterator[S3Store]:
     await s.aclose()
 
 
+@pytest.fixture
+async def server_store(s3_server_env: StoreEnv,
+                       s3_server_proxy: Proxy) -> AsyncIterator[S3Store]:
+    """Like `store`, on each S3 server: moto and Ceph RGW (a real one)."""
+    s = s3_env.via(s3_server_env, s3_server_proxy.url).open(retry_timeout=10)
+    assert isinstance(s, S3Store)
+    await s.check()
+    s3_server_proxy.reset()
+    yield s
+    await s.aclose()
+
+
 def ops(proxy: Proxy) -> list[str]:
     return [s3_operation(r) for r in proxy.records]
 
@@ -319,7 +331,8 @@ async def test_large_append_copies_server_side_and_uploads_the_tail(
 ) -> None:
     data = os.urandom(20 * MiB + 3)
     v1 = await put_bytes(store, "big", data, base=None, metadata=LINEAGE)
-    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart",
+    # The HEAD proves the key still absent: RGW ignores If-None-Match on Complete.
+    assert ops(proxy) == ["CreateMultipartUpload", "UploadPart", "UploadPart", "HeadObject",
                           "CompleteMultipartUpload"]
     assert proxy.stats()["bytes_up"] < len(data) + 4096
     proxy.reset()
@@ -427,7 +440,8 @@ async def test_a_metadata_hint_lets_a_new_key_stage_early(store: S3Store, proxy:
     await up.stage(block, data[block: 2 * block])
     proxy.reset()
     v1 = await up.commit(len(data), [Range(0, len(data))], LINEAGE)
-    assert ops(proxy) == ["UploadPart", "CompleteMultipartUpload"]
+    # The HEAD proves the key still absent: RGW ignores If-None-Match on Complete.
+    assert ops(proxy) == ["UploadPart", "HeadObject", "CompleteMultipartUpload"]
     assert proxy.stats()["bytes_up"] < 10 + 1024
     assert proxy.records[-1].headers.get("if-none-match") == "*"
     assert await read_all(store, v1) == data
@@ -843,10 +857,13 @@ async def test_keys_are_relative_to_the_prefix(
 
 
 async def test_listing_more_than_1000_keys_paginates(
-    store: S3Store, moto: MotoServer, s3env: StoreEnv,
+    server_store: S3Store, s3_server: Any, s3_server_env: StoreEnv,
 ) -> None:
-    client = moto.client()
-    bucket = s3_env.bucket_of(s3env)
+    """S3 and RGW cap a ListObjectsV2 page at 1,000 keys, moto does not: blobfs asks for at
+    most 1,000 and follows the continuation token, so both page alike."""
+    store = server_store
+    client = s3_server.client()
+    bucket = s3_env.bucket_of(s3_server_env)
     names = [f"many/k{i:05d}" for i in range(1100)]
 
     def create(chunk: list[str]) -> None:
@@ -874,6 +891,95 @@ async def test_listing_more_than_1000_keys_paginates(
     assert seen == names and prefixes == ["many/sub/"]
     flat = await store.list("many/", delimiter="", limit=5000)
     assert len(flat.objects) == 1000 and flat.token is not None  # S3's cap, also on moto
+
+
+# --- server differences (docs/server-compatibility.md), on moto and on RGW -----------------------
+async def test_small_overwrites_commit_with_the_if_match_spelling_the_server_honours(
+    server_store: S3Store, s3_server_proxy: Proxy,
+) -> None:
+    """RGW refuses a quoted If-Match on PutObject (412) and takes it unquoted; S3 and moto
+    take it quoted. The store learns the spelling from the first 412 whose HEAD shows the
+    base unchanged, then sends it right the first time; a real conflict stays a
+    PreconditionFailed after at most one more PUT, never a loop."""
+    store, proxy = server_store, s3_server_proxy
+    v = await put_bytes(store, "small", b"v0", base=None, metadata=LINEAGE)
+    puts = []
+    for i in range(1, 4):
+        proxy.reset()
+        v = await put_bytes(store, "small", b"v%d" % i, base=v, metadata=LINEAGE)
+        puts.append(ops(proxy).count("PutObject"))
+    assert puts[0] <= 2 and puts[1:] == [1, 1], puts  # learnt once, then right first time
+    assert (await store.head("small")).etag == v.etag
+    assert await read_all(store, v) == b"v3"
+    stale = v
+    v = await put_bytes(store, "small", b"v4", base=v, metadata=LINEAGE)
+    proxy.reset()
+    with pytest.raises(PreconditionFailed):
+        await put_bytes(store, "small", b"lost", base=stale, metadata=LINEAGE)
+    assert ops(proxy).count("PutObject") <= 2, ops(proxy)
+    assert await read_all(store, await store.head("small")) == b"v4"
+
+
+async def test_multipart_commit_returns_the_current_etag(
+    server_store: S3Store, s3_server_proxy: Proxy,
+) -> None:
+    """RGW answers CompleteMultipartUpload with an empty ETag: the store takes it from a
+    HEAD, so the next commit's If-Match names the version that is really there."""
+    store = server_store
+    first = os.urandom(6 * MiB)
+    up = store.begin_upload("big", None, BytesSource(first, 0), metadata=LINEAGE)
+    await up.stage(0, first[:MIN_PART])  # a staged part: the commit is a multipart upload
+    v1 = await up.commit(len(first), [Range(0, len(first))], LINEAGE)
+    assert "CompleteMultipartUpload" in ops(s3_server_proxy)
+    head = await store.head("big")
+    assert v1.etag == head.etag and v1.etag.endswith('-2"'), (v1.etag, head.etag)
+    more = b"appended line\n"
+    up = store.begin_upload("big", v1, BytesSource(more, len(first)))
+    v2 = await up.commit(len(first) + len(more), [Range(len(first), len(more))], LINEAGE)
+    assert v2.etag == (await store.head("big")).etag != v1.etag
+    assert await read_all(store, v2) == first + more
+    # A copy ends the same way: with the ETag the destination really has.
+    c = await store.copy(v2, "copy", LINEAGE)
+    assert c.etag == (await store.head("copy")).etag
+
+
+async def test_large_create_loses_to_a_key_created_meanwhile(
+    server_store: S3Store, s3_server: Any, s3_server_env: StoreEnv,
+) -> None:
+    """RGW ignores If-None-Match on CompleteMultipartUpload: the HEAD before Complete
+    catches a key another writer created meanwhile (not atomic there; S3 enforces it)."""
+    store = server_store
+    data = os.urandom(6 * MiB)
+    up = store.begin_upload("race", None, BytesSource(data, 0), metadata=LINEAGE)
+    await up.stage(0, data[:MIN_PART])
+    s3_server.client().put_object(Bucket=s3_env.bucket_of(s3_server_env), Key="pfx/race",
+                                  Body=b"the other writer won")
+    with pytest.raises(PreconditionFailed):
+        await up.commit(len(data), [Range(0, len(data))], LINEAGE)
+    assert await read_all(store, await store.head("race")) == b"the other writer won"
+    await no_uploads_left(store)
+
+
+async def test_lineage_metadata_survives_the_server_in_either_spelling(
+    server_store: S3Store, s3_server: Any, s3_server_env: StoreEnv,
+) -> None:
+    """RGW turns '_' in metadata names into '-': blobfs's names use hyphens, so the lineage
+    comes back as sent, and objects an older blobfs wrote with underscores still read."""
+    store = server_store
+    v1 = await put_bytes(store, "new", b"line 1\n", base=None, metadata=LINEAGE)
+    head = await store.head("new")
+    assert head.stream == "stream-1" and head.metadata == v1.metadata
+    v2 = await put_bytes(store, "new", b"line 1\nline 2\n", base=v1, metadata=LINEAGE)
+    assert await store.proves_append(v1, await store.head("new"))
+    assert v2.stream == "stream-1"
+    # Written by an older blobfs (or by hand) with the old spelling, straight to the server.
+    s3_server.client().put_object(Bucket=s3_env.bucket_of(s3_server_env), Key="pfx/old",
+                                  Body=b"x", Metadata={"blobfs_stream": "old-1",
+                                                       "blobfs_commit": "c-1"})
+    old = await store.head("old")
+    assert old.stream == "old-1" and old.metadata[META_COMMIT] == "c-1", old.metadata
+    listed = await store.list("")
+    assert {o.key for o in listed.objects} == {"new", "old"}
 
 
 async def test_read_edges_and_stale_versions(store: S3Store, moto: MotoServer,

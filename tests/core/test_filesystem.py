@@ -4,13 +4,15 @@ conflicts, read-your-writes and the SPEC §3 reactions to remote changes."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from blobfs.errors import FsError
+from blobfs.errors import FsError, StoreUnavailable
 from blobfs.store.base import put_bytes, read_all
 from blobfs.store.memory import MemoryStore
 from blobfs.types import META_STREAM
@@ -65,6 +67,50 @@ async def test_timer_commits_open_file(store: MemoryStore, tmp_path: Path) -> No
                 except Exception:
                     pass
                 await trio.sleep(0.01)
+        await fs.release(fh)
+
+
+class _DownStore(MemoryStore):
+    """A memory store whose commits fail with StoreUnavailable while `down` is set."""
+
+    down = True
+
+    def begin_upload(self, *args: Any, **kwargs: Any) -> Any:
+        upload = super().begin_upload(*args, **kwargs)
+        commit = upload.commit
+
+        async def guarded(*a: Any, **kw: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("the test store is down")
+            return await commit(*a, **kw)
+
+        upload.commit = guarded
+        return upload
+
+
+async def test_failing_commits_of_an_open_file_are_visible_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A writer that never closes (nginx) while every commit fails: one ERROR for the
+    file, `failing()` (status, metrics, STATUS=) names it, the timer keeps retrying with a
+    growing pause, and once the store is back the data lands and the state clears."""
+    store = _DownStore(f"down-{os.getpid()}")
+    async with running_fs(store, tmp_path, commit_interval=0.02) as fs:
+        fh, _ = await fs.create_file(1, "access.log", os.O_WRONLY | os.O_CREAT)
+        await fs.write(fh, 0, b"GET / 200\n")
+        with trio.fail_after(20):
+            while not fs.failing() or fs.failing()[0][1] < 4:
+                await trio.sleep(0.01)
+        key, failures, error = fs.failing()[0]
+        assert key == "access.log" and "down" in error
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "access.log" in errors[0].getMessage(), errors
+        store.down = False
+        with trio.fail_after(20):
+            while fs.failing():
+                await trio.sleep(0.01)
+        assert await read_all(store, await store.head("access.log")) == b"GET / 200\n"
+        assert any("succeeded after" in r.getMessage() for r in caplog.records)
         await fs.release(fh)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RGW_FULL
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.outside import (
@@ -42,7 +43,9 @@ pytestmark = pytest.mark.slow
 KiB = 1 << 10
 MiB = 1 << 20
 #: Stores with an HTTP endpoint a proxy can sit in front of.
-HTTP_KINDS = ["s3", "az"]
+#: The RGW runs of the fault tests (~50 s) go beyond the default suite's time budget: they
+#: run with `scripts/test --rgw-full` (tests/conftest.py).
+HTTP_KINDS = ["s3", RGW_FULL, "az"]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import WITH_RGW
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.waiting import wait_for
@@ -19,6 +20,7 @@ from tests.support.waiting import wait_for
 MiB = 1 << 20
 
 
+@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def test_50mib_written_on_a_reads_back_on_fresh_b(store_env: StoreEnv, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(50 * MiB))
@@ -30,6 +32,7 @@ def test_50mib_written_on_a_reads_back_on_fresh_b(store_env: StoreEnv, tmp_path:
     assert got == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def test_open_writer_lines_appear_on_other_mount(store_env: StoreEnv, tmp_path: Path) -> None:
     """A writer that never closes or fsyncs: the commit timer makes each line remote."""
     limit = 1.0 + 1.0 + 1.0  # commit_interval + metadata_ttl + 1 s
@@ -69,6 +72,7 @@ def test_open_writer_lines_appear_on_other_mount(store_env: StoreEnv, tmp_path: 
     assert max(lags) <= limit, f"lags {lags}"
 
 
+@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
     with mounted(store_env, tmp_path, name="a") as a, mounted(store_env, tmp_path, name="b") as b:
         (a.path / "app.log").write_text("")
@@ -91,6 +95,7 @@ def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
     assert lines == [f"entry {i:02d}" for i in range(50)]
 
 
+@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: Path) -> None:
     old = os.urandom(4 * MiB)
     new = os.urandom(4 * MiB)

@@ -83,11 +83,11 @@ def test_random_io_matches_local_file(file_env: StoreEnv, tmp_path: Path) -> Non
 
 # --- the differential random-operation run (issue 11) ------------------------------------
 #: Operations per store in the suite; `scripts/test --long-io` runs LONG_OPS on file://.
-SUITE_OPS = {"file": 20_000, "s3": 3_000, "az": 3_000}
+SUITE_OPS = {"file": 20_000, "s3": 3_000, "rgw": 3_000, "az": 3_000}
 LONG_OPS = 100_000
 MAX_SIZE = 768 << 10
 #: How often (in operations) the second mount must catch up with the model.
-CHECK_EVERY = {"file": 2_000, "s3": 500, "az": 500}
+CHECK_EVERY = {"file": 2_000, "s3": 500, "rgw": 500, "az": 500}
 
 #: Weights: small writes and reads dominate, as they are the cheap operations (each costs
 #: a FUSE round trip); truncate, fsync and close-reopen commit or reshape the file.

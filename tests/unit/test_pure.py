@@ -21,7 +21,16 @@ from blobfs.errors import (
 )
 from blobfs.fs.extents import RangeSet
 from blobfs.store.base import Range, base_segments
-from blobfs.types import META_STREAM, ETag, ObjectMeta, is_append_of, rooted_stream
+from blobfs.types import (
+    META_COMMIT,
+    META_STREAM,
+    ETag,
+    ObjectMeta,
+    identifier_metadata,
+    is_append_of,
+    metadata_from_store,
+    rooted_stream,
+)
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 50)), max_size=20),
@@ -78,11 +87,11 @@ def test_errno_table() -> None:
 
 
 def test_lineage() -> None:
-    old = ObjectMeta("k", 10, ETag("a"), 0, {"blobfs_stream": "s"})
-    grown = ObjectMeta("k", 20, ETag("b"), 0, {"blobfs_stream": "s"})
-    rewritten = ObjectMeta("k", 20, ETag("c"), 0, {"blobfs_stream": "t"})
+    old = ObjectMeta("k", 10, ETag("a"), 0, {META_STREAM: "s"})
+    grown = ObjectMeta("k", 20, ETag("b"), 0, {META_STREAM: "s"})
+    rewritten = ObjectMeta("k", 20, ETag("c"), 0, {META_STREAM: "t"})
     foreign = ObjectMeta("k", 20, ETag("d"), 0, {})
-    shrunk = ObjectMeta("k", 5, ETag("e"), 0, {"blobfs_stream": "s"})
+    shrunk = ObjectMeta("k", 5, ETag("e"), 0, {META_STREAM: "s"})
     assert is_append_of(grown, old)
     assert not is_append_of(rewritten, old)
     assert not is_append_of(foreign, old)
@@ -99,6 +108,18 @@ def test_lineage_rooted_in_a_version_another_tool_wrote() -> None:
     assert not is_append_of(grown, other_sdk)  # rooted in another version
     assert not is_append_of(ObjectMeta("k", 20, ETag("d"), 0, {}), sdk)
     assert not is_append_of(ObjectMeta("k", 5, ETag("e"), 0, dict(grown.metadata)), sdk)
+
+
+def test_metadata_names_read_in_either_spelling() -> None:
+    # What moto or S3 return for an object an older blobfs wrote, what RGW returns for it,
+    # and what Azure holds: all read as blobfs's hyphenated names; foreign names untouched.
+    for wire in ({"blobfs_stream": "s", "Owner_Id": "x"}, {"blobfs-stream": "s", "owner_id": "x"},
+                 {"BLOBFS_STREAM": "s", "owner_id": "x"}):
+        assert metadata_from_store(wire) == {META_STREAM: "s", "owner_id": "x"}
+    assert metadata_from_store(None) == {}
+    azure = identifier_metadata({META_STREAM: "s", META_COMMIT: "c", "x-y": "1"})
+    assert azure == {"blobfs_stream": "s", "blobfs_commit": "c", "x-y": "1"}
+    assert metadata_from_store(azure) == {META_STREAM: "s", META_COMMIT: "c", "x-y": "1"}
 
 
 def test_replay_splits_writes_at_the_commit_record() -> None:

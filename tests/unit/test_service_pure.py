@@ -136,6 +136,9 @@ SNAP = {
     "retries": 5, "committed_bytes": 1 << 30, "staged_bytes": 1 << 29,
     "upload_rate_bytes_per_second": 47_185_920.0,
     "remote_changes": {"appends_followed": 12, "replaced": 1, "deleted": 0},
+    "failing_files": 2,
+    "failing": [{"key": "logs/a.log", "failures": 7, "error": "store unavailable"},
+                {"key": "logs/b.log", "failures": 1, "error": "store unavailable"}],
 }
 
 
@@ -147,6 +150,7 @@ def test_render_parses_as_prometheus_text() -> None:
     assert metric(samples, "blobfs_commits_total", **mnt) == 1234
     assert metric(samples, "blobfs_conflicts_total", **mnt) == 2
     assert metric(samples, "blobfs_retries_total", **mnt) == 5
+    assert metric(samples, "blobfs_failing_files", **mnt) == 2
     assert metric(samples, "blobfs_remote_changes_total", kind="appends_followed") == 12
     assert metric(samples, "blobfs_info", source="s3://b/logs") == 1
     # Label values are escaped: a quote and a backslash survive the round trip escaped.
@@ -162,6 +166,8 @@ def test_status_screen_and_progress_bar() -> None:
         "commits         ", "commits ")
     assert "12 appends followed, 1 replaced, 0 deleted" in screen
     assert "last commit     2.0s ago" in screen
+    assert "FAILING         2 files cannot be committed" in screen
+    assert "logs/a.log: 7 attempts, store unavailable" in screen
     assert progress_bar(0, 0).endswith("nothing pending")
     assert progress_bar(25, 100, width=4) == "[###.]  75% of 100 B committed"
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Largest read-ahead request, in cache blocks: parallel ranged GETs of up to 8 MiB.
 READ_AHEAD_RUN = 8
+#: Longest pause between retries of a commit that keeps failing (seconds).
+RETRY_PAUSE_MAX = 300.0
 #: How far from the previous read's end a read still counts as sequential: the kernel's
 #: concurrent read-ahead requests arrive slightly out of order.
 SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
@@ -1043,16 +1045,25 @@ class Filesystem:
         self._spawn(self._commit_timer, inode, w)
 
     async def _commit_timer(self, inode: Inode, w: FileWriter) -> None:
-        """Commit every commit_interval while the file has pending data (SPEC §2)."""
+        """Commit every commit_interval while the file has pending data (SPEC §2).
+
+        A commit that fails is retried with a growing pause (up to RETRY_PAUSE_MAX) as long
+        as its cause can clear: a log writer that never closes must not leave its data in
+        the spool for good because the store was down once.
+        """
+        pause = self.cfg.commit_interval
         try:
             while w.pending and inode.writer is w:
-                await trio.sleep(self.cfg.commit_interval)
+                await trio.sleep(pause)
                 if not w.pending or inode.writer is not w:
                     break
                 try:
                     await self._commit(inode, wait=True)
-                except FsError:
-                    return  # kept pending; the error waits for the next flush or fsync
+                    pause = self.cfg.commit_interval
+                except FsError as exc:
+                    if not _can_clear(exc):
+                        return  # kept pending; the error waits for the next flush or fsync
+                    pause = min(pause * 2, RETRY_PAUSE_MAX)
         finally:
             w.timer_armed = False
         if inode.open_count == 0 and inode.writer is w and not w.pending and w.error is None:
@@ -1069,9 +1080,19 @@ class Filesystem:
             return
         try:
             await w.commit()
-        except FsError:
+        except FsError as exc:
             self.stats["commit_errors"] += 1
+            w.failures += 1
+            if w.failures == 1:
+                # Once per file per state change: a writer that never closes (nginx) would
+                # otherwise fail silently, and a retry loop must not flood the log.
+                log.error("commits of %s are failing: %s; its data stays in the spool and "
+                          "is retried (see blobfs status)", inode.key, exc)
             raise
+        if w.failures:
+            log.warning("commit of %s succeeded after %d failed attempts", inode.key,
+                        w.failures)
+            w.failures = 0
         # The inode's version already moved with the writer's base (_follow_writer).
         self._drop_listing(inode.parent_key)
 
@@ -1185,6 +1206,11 @@ class Filesystem:
         return [] if inode.is_dir else list(XATTRS)
 
     # --- status -----------------------------------------------------------------------
+    def failing(self) -> list[tuple[str, int, str]]:
+        """(key, failed attempts, last error) of each file whose last commit failed."""
+        return [(inode.key, w.failures, str(w.error or "")) for inode in self.inodes
+                if (w := inode.writer) is not None and w.failures and not w.detached]
+
     def pending_summary(self) -> tuple[int, int, float]:
         """(open files, pending bytes, age in seconds of the oldest pending write)."""
         pending = 0
@@ -1197,6 +1223,17 @@ class Filesystem:
                 if w.epoch.first_write_at:
                     oldest = max(oldest, now - w.epoch.first_write_at)
         return len(self._handles), pending, oldest
+
+
+def _can_clear(exc: BaseException) -> bool:
+    """Whether retrying a failed commit can help: not when another writer replaced the
+    blob (that needs a person, or the next open), yes for outages, throttling, refusals."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, PreconditionFailed):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 async def _gather(*fns: Callable[[], Awaitable[None]]) -> None:

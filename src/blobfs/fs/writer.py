@@ -114,6 +114,8 @@ class FileWriter:
         self.write_seq = 0
         self.committed_seq = 0
         self.error: Exception | None = None
+        #: Commits that failed in a row (reset by the next success): `blobfs status`.
+        self.failures = 0
         self.last_commit: float | None = None
         self.commits = 0
         #: Set when the key was unlinked: pending data has nowhere to go.

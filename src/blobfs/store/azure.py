@@ -81,7 +81,14 @@ from blobfs.errors import (
 )
 from blobfs.store._blocking import Blocking
 from blobfs.store.base import PendingSource, Range, base_segments, lineage_proves_append
-from blobfs.types import META_STREAM, ETag, ListPage, ObjectMeta
+from blobfs.types import (
+    META_STREAM,
+    ETag,
+    ListPage,
+    ObjectMeta,
+    identifier_metadata,
+    metadata_from_store,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -922,7 +929,7 @@ class AzureStore:
             size=int(props.size or 0),
             etag=_etag(props.etag),
             mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
-            metadata=dict(props.metadata or {}),
+            metadata=metadata_from_store(props.metadata),
         )
 
     def _remember_settings(self, name: str, etag: str, settings: ContentSettings | None) -> None:
@@ -1094,7 +1101,7 @@ class AzureStore:
         def start() -> dict[str, Any]:
             return dst.start_copy_from_url(
                 source.url,
-                metadata=dict(metadata),
+                metadata=identifier_metadata(metadata),
                 source_etag=src.etag,
                 source_match_condition=MatchConditions.IfNotModified,
             )
@@ -1226,7 +1233,8 @@ class AzureStore:
 
         def put() -> dict[str, Any]:
             return blob.commit_block_list(
-                blocks, content_settings=settings, metadata=metadata, **conditions
+                blocks, content_settings=settings, metadata=identifier_metadata(metadata),
+                **conditions
             )
 
         wanted = tuple(_encode_id(e.text_id) for e in entries)
@@ -1237,7 +1245,7 @@ class AzureStore:
             if current is None or tuple(b.name for b in current.blocks) != wanted or not wanted:
                 raise
             props = await self._call("meta", key, blob.get_blob_properties, idempotent=True)
-            if dict(props.metadata or {}) != metadata:
+            if metadata_from_store(props.metadata) != metadata:
                 raise
             result = {"etag": props.etag, "last_modified": props.last_modified}
         self.commits += 1

@@ -46,7 +46,7 @@ from blobfs.store.base import (
     remember_upload,
 )
 from blobfs.store.beneath import Tree, is_link_error
-from blobfs.types import ETag, ListPage, ObjectMeta
+from blobfs.types import ETag, ListPage, ObjectMeta, metadata_from_store
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _appending(fd: int) -> bool:
 def _meta_of(key: str, fd: int) -> ObjectMeta:
     st = os.fstat(fd)
     try:
-        metadata = json.loads(os.getxattr(fd, _XATTR_META))
+        metadata = metadata_from_store(json.loads(os.getxattr(fd, _XATTR_META)))
     except (OSError, ValueError):
         metadata = {}
     return ObjectMeta(key, st.st_size, _etag_of(fd), st.st_mtime, metadata)

@@ -12,14 +12,27 @@ It must not know about FUSE, inodes, handles or the spool; the only thing it rea
 the core is `PendingSource.read_pending`. Every SDK call runs in a worker thread through
 `store._blocking.Blocking`, which also owns retries: botocore's own retries are off.
 
-S3-compatible servers differ in how strictly they honour conditions. moto 5.2.5 ignores
-`If-Match` on `CompleteMultipartUpload` and `x-amz-copy-source-if-match` on
-`UploadPartCopy`/`CopyObject` and reports success. The real conditions are always sent
-(real S3 enforces them atomically); in addition a large commit does a HEAD of the base
-right before `CompleteMultipartUpload`, and `copy` a conditional HEAD of the source. Those
-checks are not atomic: on a server that ignores the headers, a writer that slips in
-between HEAD and Complete still loses its update. The tests enforce the real conditions
-with a proxy in front of moto (`tests/support/proxy.py: S3Conditions`).
+S3-compatible servers differ (docs/server-compatibility.md has the table); this module
+copes by what a server does, never by its name:
+- Conditions not enforced: moto 5.2.5 and Ceph RGW 16.2 ignore `If-Match` on
+  `CompleteMultipartUpload` (RGW also `If-None-Match`) and `x-amz-copy-source-if-match`
+  on `UploadPartCopy` and `CopyObject`. The real conditions are always sent (S3 enforces
+  them atomically); in addition a large commit does a HEAD of the base (or, for a new
+  key, of its absence) right before Complete, and `copy` a conditional HEAD of the
+  source. Those checks are not atomic: on such a server a writer that slips in between
+  HEAD and Complete still loses its update. The tests enforce the real conditions with a
+  proxy in front of moto (`tests/support/proxy.py: S3Conditions`).
+- If-Match spelling on PutObject: RGW refuses the quoted ETag (its own HEAD's form) with
+  412 and accepts it unquoted. A 412 whose HEAD shows the base unchanged is the server
+  refusing our spelling, not a conflict: the put is sent once more with the other
+  spelling, which the store then keeps (`S3Store.if_match_unquoted`). It never loops.
+- ETag forms: RGW answers CompleteMultipartUpload with an empty ETag and CopyObject with
+  an unquoted one. ETags are kept quoted (`_quoted`); a missing one is taken from a HEAD
+  that shows our own commit (`_published`).
+- Metadata names: RGW turns '_' into '-', so blobfs's names use hyphens and are read in
+  either spelling (`blobfs.types.metadata_from_store`).
+- Listing pages: S3 and RGW return at most 1,000 keys a page, moto more; `list` asks for
+  at most 1,000 and follows continuation tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +75,7 @@ from blobfs.store.base import (
     lineage_proves_append,
     remember_upload,
 )
-from blobfs.types import ETag, ListPage, ObjectMeta
+from blobfs.types import ETag, ListPage, ObjectMeta, metadata_from_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -415,6 +428,14 @@ def _lower(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in metadata.items()}
 
 
+def _quoted(etag: str | None) -> ETag:
+    """An ETag in S3's documented form, with quotes (RGW's CopyObject result has none)."""
+    etag = (etag or "").strip()
+    if etag and not etag.startswith(('"', 'W/"')):
+        etag = f'"{etag}"'
+    return ETag(etag)
+
+
 def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
@@ -434,9 +455,9 @@ def _meta_from(key: str, resp: Mapping[str, Any]) -> ObjectMeta:
     return ObjectMeta(
         key=key,
         size=int(resp.get("ContentLength", resp.get("Size", 0))),
-        etag=ETag(resp["ETag"]),
+        etag=_quoted(resp["ETag"]),
         mtime=resp["LastModified"].timestamp(),
-        metadata=dict(resp.get("Metadata", {}) or {}),
+        metadata=metadata_from_store(resp.get("Metadata")),
     )
 
 
@@ -627,7 +648,9 @@ class S3Upload:
                 await self._drop_mpu()  # an earlier attempt (before a redo) landed
             resp = landed
         self._mpu = None  # completed: nothing left to abort
-        return ObjectMeta(self.key, size, ETag(resp["ETag"]), _response_time(resp), meta)
+        expected = multipart_etag([str(e["ETag"]) for e in listed])
+        etag = await self._store._published(self.key, resp, expected, size, meta)
+        return ObjectMeta(self.key, size, etag, _response_time(resp), meta)
 
     async def _assemble(self, pieces: Sequence[tuple[str, Range]]) -> bytes:
         chunks: list[bytes] = []
@@ -677,12 +700,18 @@ class S3Upload:
         return etags
 
     async def _check_base(self) -> None:
-        """HEAD the base before completing: servers that ignore If-Match (moto) get caught.
+        """HEAD the base before completing: servers that ignore If-Match (moto, RGW) or
+        If-None-Match (RGW) on CompleteMultipartUpload get caught.
 
-        Not atomic (a writer can slip in after it); real S3 enforces If-Match itself.
+        Not atomic (a writer can slip in after it); real S3 enforces both itself.
         """
         if self.base is None:
-            return  # If-None-Match on Complete is honoured even by moto
+            try:
+                await self._store._call("meta", "head_object", Key=self._store._full(self.key),
+                                        _idempotent=True)
+            except NotFound:
+                return
+            raise PreconditionFailed(f"{self.key} was created by another writer")
         try:
             await self._store._call("meta", "head_object", Key=self._store._full(self.key),
                                     IfMatch=self.base.etag, _idempotent=True)
@@ -691,8 +720,10 @@ class S3Upload:
         except PreconditionFailed:
             raise PreconditionFailed(f"{self.key} moved on from {self.base.etag}") from None
 
-    def _condition(self) -> dict[str, Any]:
-        return {"IfMatch": self.base.etag} if self.base else {"IfNoneMatch": "*"}
+    def _condition(self, *, unquoted: bool = False) -> dict[str, Any]:
+        if self.base is None:
+            return {"IfNoneMatch": "*"}
+        return {"IfMatch": self.base.etag.strip('"') if unquoted else self.base.etag}
 
     async def _put(self, pieces: Sequence[tuple[str, Range]],
                    meta: dict[str, str]) -> ObjectMeta:
@@ -700,18 +731,61 @@ class S3Upload:
             return await self._put_locked(await self._assemble(pieces), meta)
 
     async def _put_locked(self, data: bytes, meta: dict[str, str]) -> ObjectMeta:
+        store = self._store
+        expected = f'"{hashlib.md5(data).hexdigest()}"'
+        unquoted = store.if_match_unquoted
+        for spelling in range(2):
+            try:
+                resp = await store._call(
+                    "write", "put_object", Key=store._full(self.key), Body=data,
+                    Metadata=meta, _md5=True, **self._condition(unquoted=unquoted),
+                )
+            except PreconditionFailed:
+                head = await self._head_quiet()
+                if head is not None and self._is_ours(head, expected, len(data), meta):
+                    resp = head
+                elif head is None or self.base is None or _quoted(head["ETag"]) != self.base.etag:
+                    raise  # a real conflict: the key moved on (or appeared)
+                elif spelling == 0:
+                    # 412 although the base is current: this server wants the other
+                    # spelling of If-Match (RGW: unquoted). One more try, never a loop.
+                    unquoted = not unquoted
+                    continue
+                else:
+                    raise BadRequest(
+                        f"{self.key}: the server refuses If-Match with the current ETag "
+                        f"{self.base.etag}, quoted or not: it cannot update objects "
+                        "safely") from None
+            except StoreError:
+                landed = await self._landed(expected, len(data), meta)
+                if landed is None:
+                    raise
+                resp = landed
+            if unquoted != store.if_match_unquoted:
+                store.if_match_unquoted = unquoted
+                log.info("%s: the server wants If-Match on PutObject %s; using that from "
+                         "now on", store.display, "unquoted" if unquoted else "quoted")
+            return ObjectMeta(self.key, len(data), _quoted(resp["ETag"]),
+                              _response_time(resp), meta)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    async def _head_quiet(self) -> dict[str, Any] | None:
+        """HEAD of the key, or None when it is missing or cannot be had."""
         try:
-            resp = await self._store._call(
-                "write", "put_object", Key=self._store._full(self.key), Body=data,
-                Metadata=meta, _md5=True, **self._condition(),
-            )
+            return dict(await self._store._call("meta", "head_object",
+                                                Key=self._store._full(self.key),
+                                                _idempotent=True))
         except StoreError:
-            expected = f'"{hashlib.md5(data).hexdigest()}"'
-            landed = await self._landed(expected, len(data), meta)
-            if landed is None:
-                raise
-            resp = landed
-        return ObjectMeta(self.key, len(data), ETag(resp["ETag"]), _response_time(resp), meta)
+            return None
+
+    @staticmethod
+    def _is_ours(head: Mapping[str, Any], expected_etag: str | None, size: int,
+                 meta: dict[str, str]) -> bool:
+        # Identical bytes and metadata (which carries a per-attempt commit id) give an
+        # identical ETag: the version is the one this commit wrote.
+        return (expected_etag is not None and _quoted(head["ETag"]) == expected_etag
+                and int(head["ContentLength"]) == size
+                and metadata_from_store(head.get("Metadata")) == meta)
 
     async def _landed(self, expected_etag: str | None, size: int,
                       meta: dict[str, str]) -> dict[str, Any] | None:
@@ -724,14 +798,9 @@ class S3Upload:
         """
         if expected_etag is None:
             return None
-        try:
-            head = await self._store._call("meta", "head_object",
-                                           Key=self._store._full(self.key), _idempotent=True)
-        except StoreError:
-            return None  # cannot tell: the original failure stands
-        same = (head["ETag"] == expected_etag and int(head["ContentLength"]) == size
-                and _lower(head.get("Metadata", {}) or {}) == meta)
-        return dict(head) if same else None
+        head = await self._head_quiet()  # None: cannot tell, the original failure stands
+        return head if head is not None and self._is_ours(head, expected_etag, size,
+                                                           meta) else None
 
     async def abort(self) -> None:
         """Abort the multipart upload, if any. Idempotent; failures are only logged."""
@@ -784,6 +853,8 @@ class S3Store:
         self.stage_early = cfg.block_size >= MIN_PART
         self._client_obj: Any = None
         self._client_lock = threading.Lock()
+        #: Learnt from the server at the first update (see the module docstring).
+        self.if_match_unquoted = False
 
     @property
     def retries(self) -> int:
@@ -944,7 +1015,7 @@ class S3Store:
         resp = await self._call("meta", "list_objects_v2", _idempotent=True, **kwargs)
         cut = len(self.prefix)
         objects = [
-            ObjectMeta(c["Key"][cut:], int(c["Size"]), ETag(c["ETag"]),
+            ObjectMeta(c["Key"][cut:], int(c["Size"]), _quoted(c["ETag"]),
                        c["LastModified"].timestamp(), {})
             for c in resp.get("Contents", []) or []
             # The prefix's own "dir/" marker is the mount root, not an entry in it.
@@ -982,7 +1053,7 @@ class S3Store:
                     CopySourceIfMatch=src.etag, MetadataDirective="REPLACE", Metadata=meta,
                 )
                 result = resp["CopyObjectResult"]
-                return ObjectMeta(dst_key, src.size, ETag(result["ETag"]),
+                return ObjectMeta(dst_key, src.size, _quoted(result["ETag"]),
                                   result["LastModified"].timestamp(), meta)
             return await self._copy_multipart(src, dst_key, meta)
         except NotFound:
@@ -1021,7 +1092,34 @@ class S3Store:
         except BaseException:
             await self._abort_quiet(full_dst, upload_id)
             raise
-        return ObjectMeta(dst_key, src.size, ETag(done["ETag"]), _response_time(done), meta)
+        expected = multipart_etag([etags[n] for n in sorted(etags)])
+        etag = await self._published(dst_key, done, expected, src.size, meta)
+        return ObjectMeta(dst_key, src.size, etag, _response_time(done), meta)
+
+    async def _published(self, key: str, resp: Mapping[str, Any], expected: str | None,
+                         size: int, meta: dict[str, str]) -> ETag:
+        """The ETag of the version a Complete just made: the response's, else a HEAD's.
+
+        RGW answers CompleteMultipartUpload with an empty ETag. The HEAD shows our version
+        when its computed multipart ETag, or its size and metadata (which carry the
+        commit's own id), match. If another writer replaced it already, the computed ETag
+        (or one that matches nothing) stands for ours: the next conditional commit then
+        meets the conflict like any other.
+        """
+        etag = _quoted(resp.get("ETag"))
+        if etag:
+            return etag
+        try:
+            head = await self._call("meta", "head_object", Key=self._full(key),
+                                    _idempotent=True)
+        except StoreError:
+            head = None
+        if head is not None:
+            got = _quoted(head["ETag"])
+            theirs = metadata_from_store(head.get("Metadata"))
+            if got == expected or (int(head["ContentLength"]) == size and theirs == meta):
+                return got
+        return ETag(expected or '"blobfs-unknown-etag"')
 
     async def _abort_quiet(self, full_key: str, upload_id: str) -> None:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + ABORT_TIMEOUT):
