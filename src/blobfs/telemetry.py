@@ -159,10 +159,12 @@ class Telemetry:
         open_files = pending = 0
         lag = 0.0
         stats: Mapping[str, int] = {}
+        replies: Mapping[str, int] = {}
         stopping = False
         if fs is not None:
             open_files, pending, lag = fs.pending_summary()
             stats = fs.stats
+            replies = fs.errno_replies
             stopping = fs.shutting_down
         snap: dict[str, Any] = {
             "version": __version__,
@@ -191,6 +193,7 @@ class Telemetry:
                 "replaced": int(stats.get("replaced", 0)),
                 "deleted": int(stats.get("deleted", 0)),
             },
+            "errno_replies": dict(replies),
             "options": {
                 "commit_interval": self.cfg.commit_interval,
                 "close": self.cfg.close,
