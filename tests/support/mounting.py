@@ -130,6 +130,7 @@ def mounted(
     name: str = "mnt",
     cache_dir: Path | None = None,
     expect_errors: Sequence[str] = (),
+    allow_errors: bool = False,
     args: tuple[str, ...] = (),
 ) -> Iterator[Mount]:
     """Mount `env` at base/name in a foreground daemon; yield once it answers.
@@ -138,7 +139,8 @@ def mounted(
 
     Whatever happens in the body, the daemon is stopped and the mountpoint unmounted.
     A traceback, or an ERROR line that matches none of the `expect_errors` regular
-    expressions, in the daemon's log fails the test.
+    expressions, in the daemon's log fails the test. `allow_errors` (older spelling)
+    expects any ERROR line; a traceback still fails.
     """
     path = base / name
     try:
@@ -154,7 +156,8 @@ def mounted(
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=mount_env(env), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-    mnt = Mount(path, proc, cache_dir, log_path, list(expect_errors))
+    mnt = Mount(path, proc, cache_dir, log_path,
+                [*expect_errors, *([".*"] if allow_errors else [])])
     STARTED.append(mnt)
     try:
         wait_started(proc, lambda: _is_mount(path) and not _dead(path), "blobfs",
