@@ -60,11 +60,14 @@ def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
             except Exception as exc:
                 err, level = errno_for(exc)
                 bug = err == errno.EIO and not _known(exc)
-                self.replies.count(err)
+                # The adapter's counters (an adapter-like object may have none).
+                replies: ErrorReplies | None = getattr(self, "replies", None)
+                if replies is not None:
+                    replies.count(err)
                 if bug:
                     log.error("%s%r failed with a bug", op, _brief(op, args), exc_info=True)
                 elif not (op == "lookup" and err == errno.ENOENT):
-                    if not self.replies.first(err, exc):
+                    if replies is not None and not replies.first(err, exc):
                         level = logging.DEBUG  # said once already; the counter has the rest
                     log.log(level, "%s%r -> %s: %s", op, _brief(op, args),
                             errno.errorcode.get(err, err), _chain(exc))
