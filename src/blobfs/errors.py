@@ -82,12 +82,23 @@ _STORE_ERRNO: list[tuple[type[BaseException], int, int]] = [
 ]
 
 
+#: Local OS errors (the spool's disk, a file:// store's directory) that mean the same to
+#: the caller as to us; any other OSError is EIO.
+_OS_ERRNO: dict[int, tuple[int, int]] = {
+    _errno.ENOSPC: (_errno.ENOSPC, logging.ERROR),
+    # A size past what the spool's filesystem can hold: the request is too big, not an
+    # I/O failure (truncate -s 999999999999999).
+    _errno.EFBIG: (_errno.EFBIG, logging.INFO),
+    _errno.ENAMETOOLONG: (_errno.ENAMETOOLONG, logging.DEBUG),
+}
+
+
 def errno_for(exc: BaseException) -> tuple[int, int]:
     """Return (errno, log level) for any exception. Unknown exceptions are bugs: EIO."""
     if isinstance(exc, FsError):
         return exc.errno, exc.level
-    if isinstance(exc, OSError) and exc.errno == _errno.ENOSPC:
-        return _errno.ENOSPC, logging.ERROR
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRNO:
+        return _OS_ERRNO[exc.errno]
     for cls, err, level in _STORE_ERRNO:
         if isinstance(exc, cls):
             return err, level
@@ -106,6 +117,21 @@ def stale(msg: str) -> FsError:
 def gone(msg: str) -> FsError:
     """The blob a handle pinned was deleted remotely (SPEC §3)."""
     return FsError(_errno.ENOENT, msg, logging.WARNING)
+
+
+def name_too_long(msg: str) -> FsError:
+    """A name or key past a store's limits: refused before any store call."""
+    return FsError(_errno.ENAMETOOLONG, msg, logging.DEBUG)
+
+
+def bad_name(msg: str) -> FsError:
+    """A name that no store can hold as a key (not UTF-8): EILSEQ, as on ZFS utf8only."""
+    return FsError(_errno.EILSEQ, msg, logging.INFO)
+
+
+def too_big(msg: str) -> FsError:
+    """A file size past what any store holds (truncate -s HUGE)."""
+    return FsError(_errno.EFBIG, msg, logging.INFO)
 
 
 def commit_failed(msg: str) -> FsError:

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     entry.entry_timeout = attr.timeout
     entry.attr_timeout = attr.timeout
     entry.st_mode = attr.mode
-    entry.st_nlink = 2 if attr.is_dir else 1
+    entry.st_nlink = 2 if attr.is_dir else attr.nlink
     entry.st_uid = attr.uid
     entry.st_gid = attr.gid
     entry.st_rdev = 0
@@ -59,9 +60,15 @@ def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
             except Exception as exc:
                 err, level = errno_for(exc)
                 bug = err == errno.EIO and not _known(exc)
+                # The adapter's counters (an adapter-like object may have none).
+                replies: ErrorReplies | None = getattr(self, "replies", None)
+                if replies is not None:
+                    replies.count(err)
                 if bug:
                     log.error("%s%r failed with a bug", op, _brief(op, args), exc_info=True)
                 elif not (op == "lookup" and err == errno.ENOENT):
+                    if replies is not None and not replies.first(err, exc):
+                        level = logging.DEBUG  # said once already; the counter has the rest
                     log.log(level, "%s%r -> %s: %s", op, _brief(op, args),
                             errno.errorcode.get(err, err), _chain(exc))
                 raise pyfuse3.FUSEError(err) from None
@@ -110,6 +117,35 @@ def _chain(exc: BaseException) -> str:
     return " <- ".join(parts)
 
 
+class ErrorReplies:
+    """Counts errno replies, and says whether one is the first of its kind.
+
+    A reader retrying a stale or deleted file gets the same error hundreds of times a
+    minute: it is logged once per file and state (the message names both), at its level;
+    repeats go to DEBUG and to the counters (`errno_replies` in `blobfs status`).
+    """
+
+    #: Remembered states; the oldest are forgotten first, so the set stays bounded.
+    KEEP = 4096
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+        self._seen: dict[tuple[int, str], None] = {}
+
+    def count(self, err: int) -> None:
+        name = errno.errorcode.get(err, str(err))
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def first(self, err: int, exc: BaseException) -> bool:
+        key = (err, str(exc))
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self.KEEP:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+
 class FuseOps(pyfuse3.Operations):
     # A byte write() acknowledged must already be in the daemon (SPEC §3).
     enable_writeback_cache = False
@@ -117,6 +153,7 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        self.replies = ErrorReplies(fs.errno_replies)
         self._dirs: dict[int, DirStream] = {}
         self._next_dir_fh = 1 << 40
 
@@ -223,7 +260,9 @@ class FuseOps(pyfuse3.Operations):
     @_translate("mknod")
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs, sockets: no blob for them
+        return _entry(await self.fs.mknod(parent_inode, _name(name)))
 
     @_translate("symlink")
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:

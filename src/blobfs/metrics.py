@@ -140,6 +140,11 @@ def render(snap: Mapping[str, Any]) -> str:
     for kind, count in dict(snap.get("remote_changes") or {}).items():
         out.append(f"blobfs_remote_changes_total{_labels({**mnt, 'kind': kind})} "
                    f"{_number(count)}")
+    family("blobfs_errno_replies_total", "counter",
+           "Requests answered with an error, by errno (each kind is logged once per file).")
+    for name, count in sorted(dict(snap.get("errno_replies") or {}).items()):
+        out.append(f"blobfs_errno_replies_total{_labels({**mnt, 'errno': name})} "
+                   f"{_number(count)}")
     return "\n".join(out) + "\n"
 
 

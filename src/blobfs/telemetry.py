@@ -161,12 +161,14 @@ class Telemetry:
         open_files = pending = 0
         lag = 0.0
         stats: Mapping[str, int] = {}
+        replies: Mapping[str, int] = {}
         stopping = False
         failing: list[tuple[str, int, str]] = []
         if fs is not None:
             failing = fs.failing()
             open_files, pending, lag = fs.pending_summary()
             stats = fs.stats
+            replies = fs.errno_replies
             stopping = fs.shutting_down
         snap: dict[str, Any] = {
             "version": __version__,
@@ -198,6 +200,7 @@ class Telemetry:
                 "replaced": int(stats.get("replaced", 0)),
                 "deleted": int(stats.get("deleted", 0)),
             },
+            "errno_replies": dict(replies),
             "options": {
                 "commit_interval": self.cfg.commit_interval,
                 "close": self.cfg.close,

@@ -70,7 +70,7 @@ def test_kill9_loses_no_acknowledged_byte(store_env: StoreEnv, tmp_path: Path) -
         # (everything only in the spool) and during them.
         interval = "30" if trial % 2 == 0 else "0.2"
         with mounted(store_env, tmp_path, f"commit_interval={interval}", name="a",
-                     cache_dir=cache, allow_errors=True) as a:
+                     cache_dir=cache) as a:
             writer = Streamer(a.path / f"stream{trial}.log")
             writer.start()
             time.sleep(rng.uniform(0.3, 1.5))
@@ -97,8 +97,7 @@ def test_sigterm_commits_everything_and_exits_0(store_env: StoreEnv, tmp_path: P
 
 def test_recover_command_commits_without_mounting(file_env: StoreEnv, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with mounted(file_env, tmp_path, "commit_interval=60", name="a", cache_dir=cache,
-                 allow_errors=True) as a:
+    with mounted(file_env, tmp_path, "commit_interval=60", name="a", cache_dir=cache) as a:
         fd = os.open(a.path / "held.log", os.O_WRONLY | os.O_CREAT)
         os.write(fd, b"first line\nsecond line\n")
         a.kill9()
@@ -123,7 +122,8 @@ def test_spool_disk_full_gives_enospc_and_keeps_data(file_env: StoreEnv,
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
     try:
         with mounted(file_env, tmp_path, "commit_interval=60", name="a",
-                     cache_dir=small / "cache", allow_errors=True) as a:
+                     cache_dir=small / "cache",
+                     expect_errors=[r"ENOSPC|disk full|No space left"]) as a:
             path = a.path / "fill.bin"
             chunk = os.urandom(256 << 10)
             written = 0
@@ -165,8 +165,8 @@ def _journalled_upload(cache: Path) -> bool:
 def _staged_and_killed(env: StoreEnv, tmp_path: Path, cache: Path, data: bytes,
                        leftovers: Callable[[], int], *options: str) -> None:
     """Full blocks staged (server-side state exists), no commit yet, then kill -9."""
-    with mounted(env, tmp_path, "commit_interval=60", *options, name="a", cache_dir=cache,
-                 allow_errors=True) as a:
+    with mounted(env, tmp_path, "commit_interval=60", *options, name="a",
+                 cache_dir=cache) as a:
         fd = _write_held_open(a.path / "big.bin", data)
         # The upload exists on the server a moment before the spool journals its id: a
         # kill in between (seen on RGW) would leave nothing for recovery to clean up.

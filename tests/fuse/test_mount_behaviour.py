@@ -99,8 +99,8 @@ def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
 def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: Path) -> None:
     old = os.urandom(4 * MiB)
     new = os.urandom(4 * MiB)
-    with mounted(store_env, tmp_path, name="a", allow_errors=True) as a, \
-            mounted(store_env, tmp_path, name="b", allow_errors=True) as b:
+    with mounted(store_env, tmp_path, name="a") as a, \
+            mounted(store_env, tmp_path, name="b") as b:
         (a.path / "f.bin").write_bytes(old)
         wait_for(lambda: (b.path / "f.bin").exists() and
                  (b.path / "f.bin").stat().st_size == len(old), 10)

@@ -23,7 +23,17 @@ import trio
 
 from blobfs.budget import COMMITS_AT_ONCE, STAGING_AT_ONCE
 from blobfs.config import MountConfig
-from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError, gone, stale
+from blobfs.errors import (
+    FsError,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    bad_name,
+    gone,
+    name_too_long,
+    stale,
+    too_big,
+)
 from blobfs.fs.cache import CACHE_BLOCK, BlockCache
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
 from blobfs.fs.spool import Spool, SpoolEntry
@@ -43,6 +53,15 @@ SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
 #: How many bytes a reader compares before following a claimed append: enough to catch a
 #: rewrite of the text it just read, one small ranged GET.
 SEAM = 4096
+#: Longest key (bytes) every store takes: S3 and Azure both stop at 1024.
+MAX_KEY = 1024
+#: Largest file size: S3's object limit, the smallest of the stores', so a file behaves
+#: the same on every store.
+MAX_FILE_SIZE = 5 << 40
+#: An unlinked file's committed bytes are copied into the spool for its open handles
+#: (POSIX: the data stays readable) up to this size; past it they see ENOENT, as for a
+#: blob deleted by another host (SPEC §3).
+KEEP_UNLINKED_MAX = 256 << 20
 
 
 XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
@@ -58,6 +77,8 @@ class Attr:
     uid: int
     gid: int
     timeout: float
+    #: 0 once the file was unlinked while open.
+    nlink: int = 1
 
     @property
     def is_dir(self) -> bool:
@@ -161,6 +182,12 @@ class Filesystem:
         self._listing_busy: dict[str, trio.Event] = {}
         #: Files created here, by parent key, until committed (`_uncommitted_creates`).
         self._creates: dict[str, dict[Ino, Inode]] = {}
+        #: Per-key locks of the namespace changes (create, unlink, rename): one waits for
+        #: the other's store calls, so a create racing an rm sees the key before or after
+        #: the delete, never half-way (issue 11, bug 5).
+        self._key_locks: dict[str, tuple[trio.Lock, int]] = {}
+        #: Bumped by each change to a directory's entries (`_drop_listing`).
+        self._dir_changes: dict[str, int] = {}
         # Each holds a block in memory while it sends it: counted in memory_limit (budget).
         self._stage_limiter = trio.CapacityLimiter(STAGING_AT_ONCE)
         self._commit_limiter = trio.CapacityLimiter(COMMITS_AT_ONCE)
@@ -172,6 +199,8 @@ class Filesystem:
         self.on_change: Callable[[Inode, bool], None] = lambda inode, rewrite: None
         self.stats = {"commits": 0, "commit_errors": 0, "appends_followed": 0,
                       "replaced": 0, "deleted": 0}
+        #: Error replies by errno name: the adapter logs the first of each, counts all.
+        self.errno_replies: dict[str, int] = {}
 
     @classmethod
     def create(cls, store: ObjectStore, cfg: MountConfig, *, spool: Spool,
@@ -197,7 +226,8 @@ class Filesystem:
             mtime = inode.mtime or (inode.meta.mtime if inode.meta else self._started)
         if cfg.read_only:
             mode &= ~0o222
-        return Attr(inode.ino, mode, inode.size, mtime, cfg.uid, cfg.gid, cfg.metadata_ttl)
+        return Attr(inode.ino, mode, inode.size, mtime, cfg.uid, cfg.gid, cfg.metadata_ttl,
+                    0 if inode.unlinked else 1)
 
     def _inode(self, ino: int) -> Inode:
         inode = self.inodes.get(ino)
@@ -219,11 +249,13 @@ class Filesystem:
 
     # --- names ----------------------------------------------------------------------
     def _child_key(self, parent: Inode, name: str) -> str:
+        """The key of `name` in `parent`, checked against every store's rules before any
+        store call sees it."""
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
         if not valid_name(name):
             if len(name.encode("utf-8", "surrogateescape")) > 255:
-                raise FsError(errno.ENAMETOOLONG)
+                raise name_too_long(f"a name of over 255 bytes in {parent.key!r}")
             raise FsError(errno.EINVAL, f"invalid name {name!r}")
         # Names the store would rewrite into another key (Azure: '\\' -> '/'): refused
         # before any store call, or a write could land on another file.
@@ -231,14 +263,21 @@ class Filesystem:
         why = problem(name) if problem is not None else None
         if why:
             raise FsError(errno.EINVAL, f"invalid name {name!r}: {why}", logging.INFO)
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise bad_name(f"name {name!r} in {parent.key!r} is not UTF-8") from None
+        # + 1: a directory's key ends in '/'.
+        if len(parent.key.encode()) + size + 1 > MAX_KEY:
+            raise name_too_long(f"a key of over {MAX_KEY} bytes under {parent.key!r}")
         return parent.key + name
 
     async def _find(self, parent: Inode, name: str) -> Inode:
         """The inode for a name, asking the store if needed. Does not count a lookup."""
         key = self._child_key(parent, name)
         local = self.inodes.by_key(key)
-        if local is not None and local.writer is not None and local.writer.base is None:
-            return local  # created here, not committed yet
+        if local is not None and local.writer is not None:
+            return local  # written here: this mount knows it better than a listing
         listing = await self._lookup_listing(parent)
         if listing is not None:
             listing.hits += 1
@@ -278,7 +317,13 @@ class Filesystem:
         return inode
 
     async def lookup(self, parent_ino: int, name: str) -> Attr:
-        inode = await self._find(self._inode(parent_ino), name)
+        try:
+            inode = await self._find(self._inode(parent_ino), name)
+        except FsError as exc:
+            if exc.errno == errno.EILSEQ:
+                # No such key can exist: a plain miss (creating it says EILSEQ).
+                raise FsError(errno.ENOENT) from None
+            raise
         inode.lookups += 1
         return self._attr(inode)
 
@@ -298,11 +343,44 @@ class Filesystem:
             if listing is not None and not self._fresh(listing):
                 del self._listings[inode.parent_key]
 
+    @contextlib.contextmanager
+    def _busy(self, inode: Inode):  # type: ignore[no-untyped-def]
+        """Keep `inode`'s writer while a request uses it before (or without) a handle."""
+        busy = self.inodes.busy
+        busy[inode.ino] = busy.get(inode.ino, 0) + 1
+        try:
+            yield
+        finally:
+            busy[inode.ino] -= 1
+            if not busy[inode.ino]:
+                del busy[inode.ino]
+
+    @contextlib.asynccontextmanager
+    async def _keys_locked(self, *keys: str):  # type: ignore[no-untyped-def]
+        """Hold the namespace locks of `keys` (sorted: two renames cannot deadlock)."""
+        held: list[str] = []
+        try:
+            for key in sorted(set(keys)):
+                lock, users = self._key_locks.get(key, (trio.Lock(), 0))
+                self._key_locks[key] = (lock, users + 1)
+                held.append(key)
+                await lock.acquire()
+            yield
+        finally:
+            for key in reversed(held):
+                lock, users = self._key_locks[key]
+                if lock.locked() and lock.statistics().owner is trio.lowlevel.current_task():
+                    lock.release()
+                if users == 1:
+                    del self._key_locks[key]
+                else:
+                    self._key_locks[key] = (lock, users - 1)
+
     # --- change detection -------------------------------------------------------------
     async def _refresh(self, inode: Inode, *, force: bool = False) -> None:
         """Ask the store about the blob if our view is older than metadata_ttl."""
         if inode.is_dir or inode.retired:
-            return
+            return  # an unlinked file's data is what its handles hold, not the key's
         now = trio.current_time()
         if not force and now - inode.checked_at < self.cfg.metadata_ttl:
             return
@@ -447,6 +525,7 @@ class Filesystem:
     # --- directories ------------------------------------------------------------------
     def _drop_listing(self, dir_key: str) -> None:
         self._listings.pop(dir_key, None)
+        self._dir_changes[dir_key] = self._dir_changes.get(dir_key, 0) + 1
 
     async def _lookup_listing(self, parent: Inode) -> _Listing | None:
         """The listing a lookup in `parent` should answer from, or None to ask the store
@@ -476,13 +555,17 @@ class Filesystem:
             if listing is not None:
                 return listing
         busy = self._listing_busy[inode.key] = trio.Event()
+        # A change here while the pages come in makes this listing stale at birth: use it
+        # for this answer, do not keep it (a kept one hid new files from rm: issue 11).
+        changes = self._dir_changes.get(inode.key, 0)
         try:
             listing = await self._page_listing(inode)
         finally:
             del self._listing_busy[inode.key]
             busy.set()
-        self._listings[inode.key] = listing
-        self._prune_listings()
+        if self._dir_changes.get(inode.key, 0) == changes:
+            self._listings[inode.key] = listing
+            self._prune_listings()
         return listing
 
     def _fresh(self, listing: _Listing) -> bool:
@@ -609,6 +692,7 @@ class Filesystem:
         except PreconditionFailed:
             raise FsError(errno.EEXIST) from None
         self._drop_listing(parent.key)
+        parent.mtime = time.time()
         inode = self.inodes.ensure(key, True)
         inode.mtime = time.time()
         inode.lookups += 1
@@ -628,6 +712,7 @@ class Filesystem:
                     other.key.startswith(inode.key):
                 raise FsError(errno.ENOTEMPTY)
         await self.store.delete(inode.key)
+        parent.mtime = time.time()
         self._drop_listing(parent.key)
         self._drop_listing(inode.key)
         self.inodes.unlink_key(inode.key)
@@ -647,21 +732,38 @@ class Filesystem:
         inode.open_count += 1
         return h
 
-    async def _writer(self, inode: Inode) -> FileWriter:
-        if inode.writer is None or inode.writer.detached:
-            try:
-                entry = await trio.to_thread.run_sync(
-                    self.spool.new_entry, inode.key, base_record(inode.meta))
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise FsError(errno.ENOSPC, "spool disk full", logging.ERROR) from exc
-                raise
-            if inode.writer is None or inode.writer.detached:
-                inode.writer = self.make_writer(inode.key, inode.meta, entry)
-                self._follow_writer(inode, inode.writer)
-            else:  # another task made one while we waited
-                await entry.remove()
-        return inode.writer
+    async def _writer(self, inode: Inode, *, key_locked: bool = False) -> FileWriter:
+        """The inode's writer, made with a new spool entry if it has none.
+
+        A new writer is made under the key's namespace lock (`key_locked`: the caller
+        holds it): a rename or unlink of the key in progress finishes first, so the writer
+        starts from the key and version they leave. An unlinked inode gets an orphan
+        (`FileWriter.orphan`): what its handles write stays readable through them, is never
+        committed, and leaves nothing in the spool for recovery to bring back.
+        """
+        while inode.writer is None and not key_locked:
+            key = inode.key
+            async with self._keys_locked(key):
+                if inode.key == key or inode.unlinked:
+                    return await self._writer(inode, key_locked=True)
+        w = inode.writer
+        if w is not None:
+            return w
+        try:
+            entry = await trio.to_thread.run_sync(
+                self.spool.new_entry, inode.key, base_record(inode.meta))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise FsError(errno.ENOSPC, "spool disk full", logging.ERROR) from exc
+            raise
+        if inode.writer is not None:  # another task made one while we waited
+            await entry.remove()
+            return inode.writer
+        w = inode.writer = self.make_writer(inode.key, inode.meta, entry)
+        self._follow_writer(inode, w)
+        if inode.unlinked:
+            await w.orphan()
+        return w
 
     def _follow_writer(self, inode: Inode, w: FileWriter) -> None:
         """Move the inode's version with its writer's base, in the same step (bug 1)."""
@@ -701,6 +803,12 @@ class Filesystem:
         self._writable()
         parent = self._inode(parent_ino)
         key = self._child_key(parent, name)
+        async with self._keys_locked(key):
+            fh, attr = await self._create_locked(parent, key, flags)
+        parent.mtime = time.time()
+        return fh, attr
+
+    async def _create_locked(self, parent: Inode, key: str, flags: int) -> tuple[Fh, Attr]:
         try:
             existing: ObjectMeta | None = await self.store.head(key)
         except NotFound:
@@ -709,23 +817,35 @@ class Filesystem:
         if inode is not None and existing is None and inode.meta is not None:
             # Deleted remotely since we saw it: a new file gets a new inode, and open
             # handles of the old one keep their view.
-            self.inodes.unlink_key(key)
+            await self._remove_name(inode, delete=False)
             inode = None
         inode = inode or self.inodes.ensure(key, False)
         if existing is not None:
             inode = await self._observe(inode, existing)
-        w = await self._writer(inode)
-        if existing is not None:
-            await w.truncate(0)
-            self.on_change(inode, True)
-        inode.mtime = time.time()
-        inode.lookups += 1
-        inode.checked_at = trio.current_time()
-        self._drop_listing(parent.key)
-        self._note_create(inode)
-        h = self._new_handle(inode, flags)
+        with self._busy(inode):
+            w = await self._writer(inode, key_locked=True)
+            if existing is not None:
+                if w.size:
+                    await w.truncate(0)
+                self.on_change(inode, True)
+            inode.mtime = time.time()
+            inode.lookups += 1
+            inode.checked_at = trio.current_time()
+            self._drop_listing(parent.key)
+            self._note_create(inode)
+            h = self._new_handle(inode, flags)
         self._arm_timer(inode)
         return h.fh, self._attr(inode)
+
+    async def mknod(self, parent_ino: int, name: str) -> Attr:
+        """mknod(2) of a regular file: created as by open(O_CREAT|O_EXCL) and close."""
+        fh, _ = await self.create_file(parent_ino, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        inode = self._handle(fh).inode
+        try:
+            await self.flush(fh)
+        finally:
+            await self.release(fh)
+        return self._attr(inode)
 
     async def open(self, ino: int, flags: int) -> tuple[Fh, bool]:
         """Open a file; returns (fh, keep_cache) where keep_cache says kernel pages are valid."""
@@ -740,12 +860,22 @@ class Filesystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self._writable()
+        with self._busy(inode):
+            return await self._open_busy(inode, flags)
+
+    async def _open_busy(self, inode: Inode, flags: int) -> tuple[Fh, bool]:
         await self._refresh(inode)
-        if (inode.meta is None or inode.deleted) and inode.writer is None:
+        if inode.unlinked:
+            # Unlinked after the kernel looked it up. Its data lives on only in an open
+            # handle's writer; with O_TRUNC none is needed (a racing `echo x > f; rm f`).
+            if inode.writer is None and not flags & os.O_TRUNC:
+                raise FsError(errno.ENOENT, f"{inode.key} was unlinked")
+        elif (inode.meta is None or inode.deleted) and inode.writer is None:
             raise FsError(errno.ENOENT, f"{inode.key} no longer exists")
         if flags & os.O_TRUNC:
             w = await self._writer(inode)
-            await w.truncate(0)
+            if w.size:
+                await w.truncate(0)
             inode.mtime = time.time()
             self._arm_timer(inode)
             self.on_change(inode, True)
@@ -765,11 +895,18 @@ class Filesystem:
         inode.open_count -= 1
         if h.writable:
             self.on_change(inode, False)  # followers end once the last writer is gone
+        await self._retire_writer(inode)
+        self.inodes.maybe_drop(inode)
+
+    async def _retire_writer(self, inode: Inode) -> None:
+        """Drop the writer (and its spool entry) of a file nobody has open once nothing is
+        left to commit, or nothing can be (unlinked)."""
         w = inode.writer
-        if w is not None and inode.open_count == 0 and not w.pending and w.error is None:
+        if w is None or inode.open_count or inode.ino in self.inodes.busy:
+            return
+        if w.detached or (not w.pending and w.error is None):
             inode.writer = None
             await w.discard()
-        self.inodes.maybe_drop(inode)
 
     async def version(self, fh: int, *, refresh: bool = True) -> Version:
         """The version handle `fh` reads, revalidated like a read (at most metadata_ttl old)
@@ -819,7 +956,7 @@ class Filesystem:
     async def _read_once(self, h: Handle, off: int, size: int) -> bytes | memoryview:
         inode = h.inode
         w = inode.writer
-        if w is not None and (w.pending or w.inflight is not None):
+        if w is not None and (w.pending or w.inflight is not None or w.detached):
             return await self._read_overlay(h, w, off, size)
         await self._refresh(inode)
         if self._check(h, off):
@@ -1019,27 +1156,42 @@ class Filesystem:
         if size is not None:
             if inode.is_dir:
                 raise FsError(errno.EISDIR)
+            if size > MAX_FILE_SIZE:
+                raise too_big(f"truncate of {inode.key} to {size} bytes: over {MAX_FILE_SIZE}")
             self._writable()
-            await self._refresh(inode)
-            w = await self._writer(inode)
-            if size != w.size:
-                shrink = size < w.size
-                await w.truncate(size)
-                inode.mtime = time.time()
-                self.on_change(inode, shrink)
-            if fh is None and inode.open_count == 0:
-                # truncate(2) on a path: no close will follow to commit it.
-                await self._commit(inode, wait=True)
-            else:
-                self._arm_timer(inode)
+            with self._busy(inode):
+                await self._truncate(inode, size, by_path=fh is None)
+            if fh is None:
+                # Nor will a release drop the writer: a spool entry was left behind by
+                # each truncate(2) (issue 11, bug 7).
+                await self._retire_writer(inode)
+                self.inodes.maybe_drop(inode)
         if mtime is not None:
             # Times are not stored remotely; the version's time wins after a refresh.
             inode.mtime = mtime
         return self._attr(inode)
 
+    async def _truncate(self, inode: Inode, size: int, *, by_path: bool) -> None:
+        await self._refresh(inode)
+        w = await self._writer(inode)
+        if size != w.size:
+            shrink = size < w.size
+            await w.truncate(size)
+            inode.mtime = time.time()
+            self.on_change(inode, shrink)
+        if by_path and inode.open_count == 0:
+            # truncate(2) on a path: no close will follow to commit it.
+            try:
+                await self._commit(inode, wait=True)
+            except FsError:
+                self._arm_timer(inode)  # it keeps trying, like a failed close
+                raise
+        else:
+            self._arm_timer(inode)
+
     def _arm_timer(self, inode: Inode) -> None:
         w = inode.writer
-        if w is None or w.timer_armed:
+        if w is None or w.timer_armed or w.detached:
             return
         w.timer_armed = True
         self._spawn(self._commit_timer, inode, w)
@@ -1066,9 +1218,8 @@ class Filesystem:
                     pause = min(pause * 2, RETRY_PAUSE_MAX)
         finally:
             w.timer_armed = False
-        if inode.open_count == 0 and inode.writer is w and not w.pending and w.error is None:
-            inode.writer = None
-            await w.discard()
+        if inode.writer is w:
+            await self._retire_writer(inode)
             self.inodes.maybe_drop(inode)
 
     async def _commit(self, inode: Inode, *, wait: bool) -> None:
@@ -1093,7 +1244,11 @@ class Filesystem:
             log.warning("commit of %s succeeded after %d failed attempts", inode.key,
                         w.failures)
             w.failures = 0
-        # The inode's version already moved with the writer's base (_follow_writer).
+        self._committed(inode, w)
+
+    def _committed(self, inode: Inode, w: FileWriter) -> None:
+        """Bookkeeping after `w` committed. The inode's version already moved with the
+        writer's base (_follow_writer)."""
         self._drop_listing(inode.parent_key)
 
     async def flush(self, fh: int) -> None:
@@ -1118,25 +1273,74 @@ class Filesystem:
             except FsError as exc:
                 log.error("could not commit %s at shutdown: %s", inode.key, exc)
                 failed.append(inode.key)
+        for inode in self.inodes:
+            w = inode.writer
+            if w is not None and (w.detached or (not w.pending and w.error is None)):
+                # Clean or unlinked: nothing for the next start to find in the spool.
+                inode.writer = None
+                await w.discard()
         return failed
 
     # --- namespace changes -----------------------------------------------------------
     async def unlink(self, parent_ino: int, name: str) -> None:
         self._writable()
         parent = self._inode(parent_ino)
-        inode = await self._find(parent, name)
-        if inode.is_dir:
-            raise FsError(errno.EISDIR)
-        w = inode.writer
-        if w is None or w.base is not None or inode.meta is not None:
-            await self.store.delete(inode.key)
-        if w is not None:
-            inode.writer = None
-            await w.discard()
-        inode.meta = None
-        self.inodes.unlink_key(inode.key)
-        self._drop_listing(parent.key)
+        key = self._child_key(parent, name)
+        async with self._keys_locked(key):
+            inode = await self._find(parent, name)
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            await self._remove_name(inode, delete=True)
+        parent.mtime = time.time()
+
+    async def _remove_name(self, inode: Inode, *, delete: bool) -> None:
+        """Take `inode`'s name away (unlink, or replaced by a rename); with `delete`, in the
+        store too. Open handles keep its data (POSIX); nothing of it is committed again.
+
+        The name goes first, before any await, so nothing started later finds the inode by
+        its key. A commit in flight is waited for and none can start after it: one landing
+        after the delete would bring the name back (issue 11, bugs 4 and 5).
+        """
+        key = inode.key
+        if self.inodes.by_key(key) is inode:
+            self.inodes.unlink_key(key)
+        inode.mark_unlinked()
+        self._drop_listing(inode.parent_key)
+        with self._busy(inode):  # a release meanwhile must not drop what we copy into
+            w = inode.writer
+            if w is not None:
+                await w.orphan()
+            # Only a file never committed anywhere has no blob to delete.
+            remote = w is None or w.base is not None or inode.meta is not None
+            if inode.open_count:
+                await self._keep_for_handles(inode)
+        await self._retire_writer(inode)
+        if delete and remote:
+            await self.store.delete(key)
         self.inodes.maybe_drop(inode)
+
+    async def _keep_for_handles(self, inode: Inode) -> None:
+        """Copy an unlinked file's committed bytes into its (orphan) writer, so its open
+        handles read them after the blob is deleted. Past KEEP_UNLINKED_MAX, or if the
+        blob changed meanwhile, its handles see ENOENT instead, as for a remote delete."""
+        w = await self._writer(inode, key_locked=True)
+        base = w.base
+        pieces = [r for kind, r in w.split_read(0, w.size) if kind == "base"]
+        if base is None or not pieces:
+            return
+        total = sum(r.size for r in pieces)
+        try:
+            if total > KEEP_UNLINKED_MAX:
+                raise NotFound(f"{total} bytes is over {KEEP_UNLINKED_MAX}")
+            for r in pieces:
+                for off in range(r.off, r.end, 8 << 20):
+                    data = await self.store.read(inode.key, base.etag, off,
+                                                 min(8 << 20, r.end - off))
+                    await w.fill(off, data)
+        except (NotFound, PreconditionFailed) as exc:
+            log.info("%s was unlinked while open; its open handles cannot keep its data "
+                     "(%s) and read ENOENT", inode.key, exc)
+            self._end_generation(inode, gone(f"{inode.key} was unlinked"))
 
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
                      *, noreplace: bool = False, exchange: bool = False) -> None:
@@ -1144,6 +1348,15 @@ class Filesystem:
         if exchange:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported", logging.INFO)
         src_parent, dst_parent = self._inode(old_parent), self._inode(new_parent)
+        src_key = self._child_key(src_parent, old_name)
+        dst_key = self._child_key(dst_parent, new_name)
+        async with self._keys_locked(src_key, dst_key):
+            await self._rename_locked(src_parent, old_name, dst_parent, new_name,
+                                      noreplace=noreplace)
+        src_parent.mtime = dst_parent.mtime = time.time()
+
+    async def _rename_locked(self, src_parent: Inode, old_name: str, dst_parent: Inode,
+                             new_name: str, *, noreplace: bool) -> None:
         src = await self._find(src_parent, old_name)
         if src.is_dir:
             # Not atomic on a blob store; mv falls back to copy + delete on EXDEV.
@@ -1154,29 +1367,41 @@ class Filesystem:
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            dst = None
+            dst = self.inodes.by_key(dst_key)  # one the store does not know yet
         if dst is not None:
             if noreplace:
                 raise FsError(errno.EEXIST)
             if dst.is_dir:
                 raise FsError(errno.EISDIR)
-        await self._commit(src, wait=True)
-        meta = src.meta or await self.store.head(src.key)
+            if dst is src:
+                return  # rename(2) of a name onto itself (or another link to it)
+        if dst is not None:
+            # Before the copy: a commit of the old destination must not land after it.
+            await self._remove_name(dst, delete=False)
+        with self._busy(src):
+            w = src.writer
+            if w is None:
+                await self._move(src, src.meta or await self.store.head(src.key), dst_key)
+            else:
+                # Holding the commit lock from the commit to the rekey: a timer commit in
+                # between would write the old key again after its delete.
+                async with w.commit_lock:
+                    await w.commit_held()
+                    self._committed(src, w)
+                    meta = src.meta or w.base or await self.store.head(src.key)
+                    await self._move(src, meta, dst_key)
+                    w.key = dst_key
+                    w.base = src.meta
+        await self._retire_writer(src)
+        self._drop_listing(src_parent.key)
+        self._drop_listing(dst_parent.key)
+
+    async def _move(self, src: Inode, meta: ObjectMeta, dst_key: str) -> None:
         stream = meta.stream or new_stream()
         new_meta = await self.store.copy(meta, dst_key, {META_STREAM: stream})
         await self.store.delete(src.key)
-        if dst is not None:
-            if dst.writer is not None:
-                await dst.writer.discard()
-                dst.writer = None
-            self.inodes.unlink_key(dst.key)
         self.inodes.rekey(src, dst_key)
         src.meta = new_meta
-        if src.writer is not None:
-            src.writer.key = dst_key
-            src.writer.base = new_meta
-        self._drop_listing(src_parent.key)
-        self._drop_listing(dst_parent.key)
 
     async def link(self) -> None:
         raise FsError(errno.EPERM, "hard links are not supported", logging.INFO)

@@ -59,6 +59,16 @@ class Inode:
         return self._gen_size
 
     @property
+    def unlinked(self) -> bool:
+        """Unlinked here (POSIX unlink of an open file): no name leads to it any more,
+        open handles keep its data, which is never committed. Stored as retired and
+        deleted, a pair nothing else sets (no field: inodes are many)."""
+        return self.retired and self.deleted
+
+    def mark_unlinked(self) -> None:
+        self.retired = self.deleted = True
+
+    @property
     def size(self) -> int:
         if self.writer is not None:
             return self.writer.size
@@ -89,6 +99,10 @@ class InodeTable:
         #: Most entries the tables held since they were last copied (`_shrink`).
         self._peak = 1
         self._warned: set[str] = set()
+        #: Requests using an inode's writer without a handle (open, create, truncate by
+        #: path, rename, unlink), by inode: its writer and spool entry must stay. Here, not
+        #: on the inode: it is empty nearly always, and inodes are many.
+        self.busy: dict[Ino, int] = {}
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._by_ino.values()))
@@ -123,7 +137,8 @@ class InodeTable:
 
     def maybe_drop(self, inode: Inode) -> None:
         """Free the inode once the kernel and every handle are done with it."""
-        if inode.lookups or inode.open_count or (inode.writer and inode.writer.pending):
+        if (inode.lookups or inode.open_count or inode.ino in self.busy
+                or (inode.writer and inode.writer.pending)):
             return
         if inode.ino == ROOT_INO:
             return

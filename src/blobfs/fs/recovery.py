@@ -4,17 +4,25 @@ For each journal in the spool: replay it through the same epoch logic the live w
 path uses, find out whether an interrupted commit landed (its id is in the blob's
 metadata), then commit what is still pending -- rebasing appends onto a blob that grew
 meanwhile. If the remote moved on in a way that cannot be rebased, the pending bytes go
-to KEY.blobfs-recovered-UTCSTAMP and the log says so. Nothing is dropped silently.
+to KEY.blobfs-recovered-UTCSTAMP-ENTRY and the log says so. Nothing is dropped silently.
+
+Recovery never keeps a mount from starting: it is idempotent (a copy's name is chosen once
+per spool entry and kept beside it, so a retry after a crash or failure writes the same
+copy, not another), and an entry that cannot be applied at all is moved aside to
+`spool/.../aside/` and reported once.
 
 Must not know: FUSE, SDKs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -96,16 +104,19 @@ class RecoveryReport:
     left_pending: list[str] = field(default_factory=list)
     #: Journals damaged before their last record: kept, nothing of them committed.
     damaged: list[str] = field(default_factory=list)
+    #: Entries that could not be applied nor saved, moved to the spool's aside/ directory.
+    set_aside: list[str] = field(default_factory=list)
     pending_bytes: int = 0
     seconds: float = 0.0
     writers: list[FileWriter] = field(default_factory=list)
 
     def summary(self) -> str:
+        aside = f", {len(self.set_aside)} set aside" if self.set_aside else ""
         return (f"{len(self.committed)} committed, {len(self.recovered_copies)} saved as "
                 f"recovered copies, {len(self.left_pending)} still pending "
                 f"({self.pending_bytes} bytes)"
                 + (f", {len(self.damaged)} damaged and kept" if self.damaged else "")
-                + f" in {self.seconds:.2f}s")
+                + f"{aside} in {self.seconds:.2f}s")
 
 
 async def recover_spool(
@@ -132,9 +143,20 @@ async def recover_spool(
             continue
         if state.source and state.source != spool.source:
             continue
-        entry = await trio.to_thread.run_sync(SpoolEntry.reopen, journal, state.key,
-                                              spool.source)
-        await _recover_one(store, state, entry, make_writer, report)
+        try:
+            entry = await trio.to_thread.run_sync(SpoolEntry.reopen, journal, state.key,
+                                                  spool.source)
+            await _recover_one(store, state, entry, make_writer, report)
+        except StoreError as exc:
+            # The store is in trouble, not the entry: the next start tries again.
+            log.error("could not recover %s from the spool now (%s); it stays there",
+                      state.key, exc)
+            report.left_pending.append(state.key)
+        except Exception as exc:  # a mount must start whatever its spool holds
+            where = await trio.to_thread.run_sync(_set_aside, journal)
+            log.error("could not recover %s from the spool (%s: %s); its entry was moved "
+                      "to %s", state.key, type(exc).__name__, exc, where)
+            report.set_aside.append(state.key)
     report.seconds = time.monotonic() - start
     if journals:
         log.info("spool recovery: %s", report.summary())
@@ -183,6 +205,7 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
         copy_key = await _save_copy(store, writer, state)
         report.recovered_copies.append(copy_key)
         await writer.discard()
+        await trio.to_thread.run_sync(_copy_name_path(entry).unlink, True)
         return
     log.info("recovered %s: committed %d pending bytes from the spool", key, pending)
     report.committed.append(key)
@@ -204,10 +227,46 @@ async def _drop_orphans(store: ObjectStore, key: str, tokens: list[str]) -> None
             log.info("cleaned up upload %s of %s left by a crashed run", token, key)
 
 
+def _copy_name_path(entry: SpoolEntry) -> Path:
+    # The part of an entry's name a rewrite (rebase, compaction) keeps.
+    return entry.root / f"{entry.name.split('.')[0]}.recovered"
+
+
+def _copy_name_sync(entry: SpoolEntry, key: str) -> str:
+    """The recovered copy's key for this entry: chosen once, then read back (blocking).
+
+    Unique per entry (its random token), not just per second: several entries of one key
+    recovered in the same second each get their own copy."""
+    path = _copy_name_path(entry)
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text()
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    token = entry.name.split(".")[0].rpartition("-")[2]
+    name = f"{key}.blobfs-recovered-{stamp}-{token}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(name)
+    os.replace(tmp, path)
+    return name
+
+
+def _set_aside(journal: Path) -> Path:
+    """Move a journal and its data file to the spool's aside/ directory (blocking)."""
+    aside = journal.parent / "aside"
+    aside.mkdir(mode=0o700, exist_ok=True)
+    stem = journal.name.removesuffix(".journal")
+    for path in (journal, journal.parent / f"{stem}.data"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, aside / path.name)
+    return aside
+
+
 async def _save_copy(store: ObjectStore, writer: FileWriter, state: Replayed) -> str:
-    """Write the pending bytes beside the key, since they cannot go into it."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    copy_key = f"{state.key}.blobfs-recovered-{stamp}"
+    """Write the pending bytes beside the key, since they cannot go into it.
+
+    Idempotent: a retry (after a crash, or a failure further on) writes the same copy; one
+    already there from an earlier try is kept."""
+    copy_key = await trio.to_thread.run_sync(_copy_name_sync, writer.spool, state.key)
     ep = writer.epoch
     if writer.base is not None and ep.append_only:
         start = writer.base.size  # only what we appended
@@ -216,7 +275,12 @@ async def _save_copy(store: ObjectStore, writer: FileWriter, state: Replayed) ->
         start = 0
         what = "the whole file as this mount had it (bytes it never had read as zeros)"
     data = await writer.spool.read(start, writer.size - start)
-    await put_bytes(store, copy_key, data, base=None, metadata={})
+    try:
+        await put_bytes(store, copy_key, data, base=None, metadata={})
+    except PreconditionFailed:
+        # Written by an earlier try of this same recovery (the name is this entry's).
+        log.info("recovered copy %s is already there", copy_key)
+        return copy_key
     log.error("%s changed remotely in a way the pending data cannot be applied to; %s "
               "(%d bytes) were saved to %s", state.key, what, len(data), copy_key)
     return copy_key

@@ -280,6 +280,11 @@ class SpoolEntry:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    def _forget_names_sync(self) -> None:
+        for path in (self.journal_path, self.data_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     # --- async API (worker threads) ------------------------------------------------------
     async def write(self, off: int, data: bytes) -> None:
         """Raises OSError (ENOSPC when the spool disk is full)."""
@@ -303,6 +308,11 @@ class SpoolEntry:
 
     async def remove(self) -> None:
         await trio.to_thread.run_sync(self._close_sync, True, limiter=_limiter)
+
+    async def forget_names(self) -> None:
+        """Unlink the entry's files but keep them open: its bytes stay readable and
+        writable here, and a crash leaves nothing for recovery (an unlinked file)."""
+        await trio.to_thread.run_sync(self._forget_names_sync, limiter=_limiter)
 
     async def close(self) -> None:
         """Close the files but keep them (the data is still pending)."""

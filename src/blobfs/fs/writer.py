@@ -229,6 +229,8 @@ class FileWriter:
             ep.upload.discard_nowait(off)
 
     def _stage_full_chunks(self, ep: Epoch, run: Range) -> None:
+        if self.detached:
+            return  # never committed
         bs = self._block_size
         start = run.off
         while start + bs <= run.end:
@@ -249,7 +251,7 @@ class FileWriter:
                 await self._settled.wait()
             async with self._stage_limiter:
                 seen = ep.chunk_writes.get(off)
-                if self.epoch is not ep or seen is None:
+                if self.epoch is not ep or seen is None or self.detached:
                     return
                 upload = self._upload(ep)
                 stage_pending = getattr(upload, "stage_pending", None)
@@ -283,11 +285,17 @@ class FileWriter:
             covered = self.committed_seq >= target and not self._must_create
             if self.error is None and (not self.pending or covered):
                 return  # nothing to do, or a commit that ran while we waited covered us
-            if self._commit_limiter is None:
-                await self._commit_locked()
-                return
-            async with self._commit_limiter:
-                await self._commit_locked()
+            await self.commit_held()
+
+    async def commit_held(self) -> None:
+        """`commit` for a caller that holds `commit_lock` (rename keeps it to the rekey)."""
+        if self.error is None and not self.pending:
+            return
+        if self._commit_limiter is None:
+            await self._commit_locked()
+            return
+        async with self._commit_limiter:
+            await self._commit_locked()
 
     async def _commit_locked(self) -> None:
         if not self.pending:
@@ -395,29 +403,32 @@ class FileWriter:
         except NotFound:
             current = None
         base = self.base
+        # A file created here that another writer created first is rebased like an
+        # append: both sides appended to nothing (two loggers opening one new log with
+        # O_APPEND|O_CREAT, issue 11 bug 8).
         if (
-            base is None
-            or current is None
+            current is None
             or not ep.append_only
-            or not await self._store.proves_append(base, current)
+            or (base is not None and not await self._store.proves_append(base, current))
         ):
             log.error("commit of %s lost a race with another writer that replaced it; "
                       "the pending data is kept in the spool (%s)",
                       self.key, self.spool.data_path)
             raise PreconditionFailed(f"{self.key} was changed by another writer")
-        delta = current.size - base.size
+        base_size = base.size if base is not None else 0
+        delta = current.size - base_size
         async with self._change_lock:
             # Readers hold this lock too: they see the epochs shifted, the spool moved and
             # the new base all at once, never zeros where the other writer's bytes are.
             if delta:
                 # Our bytes past the old end move to the new end: a new spool entry is
                 # written and switched in atomically, so a crash leaves one or the other.
-                tail = self.size - base.size
-                ep.shift_from(base.size, delta)
-                self.epoch.shift_from(base.size, delta)
+                tail = self.size - base_size
+                ep.shift_from(base_size, delta)
+                self.epoch.shift_from(base_size, delta)
                 dirty = ep.dirty.union(self.epoch.dirty)
-                moves = [(r.off, r.off, r.size) for r in dirty if r.end <= base.size]
-                moves.append((base.size, current.size, tail))
+                moves = [(r.off, r.off, r.size) for r in dirty if r.end <= base_size]
+                moves.append((base_size, current.size, tail))
                 await self.spool.rewrite(
                     base_record(current), self.size + delta, moves,
                     [(r.off, r.size) for r in ep.dirty],
@@ -425,10 +436,37 @@ class FileWriter:
                     after=[(r.off, r.size) for r in self.epoch.dirty])
                 self.size += delta
                 size += delta
+            if base is None and current.stream:
+                self.stream = current.stream  # we append to their lineage now
             self._set_base(current, rebased=delta != 0)
         log.info("rebased %d pending bytes of %s onto a %d-byte version appended elsewhere",
                  size - current.size, self.key, current.size)
         return size
+
+    async def orphan(self) -> None:
+        """The key was unlinked: stop committing, keep the bytes for the open handles.
+
+        Waits for a commit in flight (it must land before the caller deletes the key);
+        none starts afterwards. The spool entry loses its names, so a crash leaves nothing
+        for recovery to commit (the bytes go when its descriptors close).
+        """
+        async with self.commit_lock:
+            self.detached = True
+        upload, self.epoch.upload = self.epoch.upload, None
+        if upload is not None:
+            try:
+                await upload.abort()
+            except StoreError as exc:
+                log.debug("abort of %s failed: %s", self.key, exc)
+        await self.spool.forget_names()
+
+    async def fill(self, off: int, data: bytes) -> None:
+        """Put base bytes into the spool where nothing was written since (unlink keeps
+        an open file's data)."""
+        async with self._change_lock:
+            for kind, r in self.split_read(off, len(data)):
+                if kind == "base":
+                    await self._write_locked(r.off, data[r.off - off : r.end - off])
 
     async def discard(self) -> None:
         """Drop all pending state (unlink, or the file is done and clean)."""
