@@ -139,7 +139,7 @@ class Blobfs(Target):
         return cmd, {**backend.mount_env(endpoint), "PYTHONUNBUFFERED": "1"}
 
     def stop(self, m: Mounted) -> int:
-        # SIGTERM: commit everything pending, then unmount (SPEC §4).
+        # SIGTERM: commit everything pending, then unmount (semantics §4).
         rc = stop_process(m.proc, timeout=300)
         lazy_unmount(m.path)
         return rc

@@ -1,4 +1,4 @@
-"""The memory budget of a mount (SPEC §5): how `memory_limit` is shared out, and the
+"""The memory budget of a mount (semantics §5): how `memory_limit` is shared out, and the
 allocator settings that let the daemon's RSS follow the budget.
 
 It owns the arithmetic from the options to the number of FUSE requests served at once

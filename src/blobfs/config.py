@@ -167,7 +167,7 @@ OPTIONS: dict[str, Option] = {
     ]
 }
 
-#: Options mount(8), fstab or systemd pass that mean nothing to blobfs (SPEC §5).
+#: Options mount(8), fstab or systemd pass that mean nothing to blobfs (semantics §5).
 #: mount.fuse3 itself adds `dev,suid` (or passes `nodev,nosuid`) and mount(8) adds `rw`.
 IGNORED_OPTIONS = {
     "_netdev", "_rnetdev", "nofail", "defaults", "rw", "auto", "noauto", "user", "users",
@@ -283,7 +283,7 @@ class MountConfig:
 
     @property
     def budget(self) -> Budget:
-        """How memory_limit is shared out (SPEC §5)."""
+        """How memory_limit is shared out (semantics §5)."""
         return Budget(self.memory_limit, self.cache_size, self.block_size)
 
     @property

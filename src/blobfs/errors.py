@@ -110,12 +110,12 @@ def fs_error(errno: int, msg: str = "", level: int = logging.DEBUG) -> FsError:
 
 
 def stale(msg: str) -> FsError:
-    """The blob a handle pinned was replaced remotely (SPEC §3)."""
+    """The blob a handle pinned was replaced remotely (semantics §3)."""
     return FsError(_errno.ESTALE, msg, logging.WARNING)
 
 
 def gone(msg: str) -> FsError:
-    """The blob a handle pinned was deleted remotely (SPEC §3)."""
+    """The blob a handle pinned was deleted remotely (semantics §3)."""
     return FsError(_errno.ENOENT, msg, logging.WARNING)
 
 
@@ -135,5 +135,5 @@ def too_big(msg: str) -> FsError:
 
 
 def commit_failed(msg: str) -> FsError:
-    """Data could not be committed; it stays pending (SPEC §2)."""
+    """Data could not be committed; it stays pending (semantics §2)."""
     return FsError(_errno.EIO, msg, logging.ERROR)

@@ -84,7 +84,7 @@ def _appends(flags: int) -> bool:
     Through the page cache the kernel splits a write() that starts inside a page which is
     not up to date at the page boundary, into two write requests. A commit or an append
     rebase between the two would put another host's bytes inside one write() (a torn
-    line, SPEC §2 "Conditional"). direct_io sends each write() whole, up to max_write.
+    line, semantics §2 "Conditional"). direct_io sends each write() whole, up to max_write.
     """
     return bool(flags & os.O_APPEND) and (flags & os.O_ACCMODE) != os.O_RDONLY
 
@@ -147,7 +147,7 @@ class ErrorReplies:
 
 
 class FuseOps(pyfuse3.Operations):
-    # A byte write() acknowledged must already be in the daemon (SPEC §3).
+    # A byte write() acknowledged must already be in the daemon (semantics §3).
     enable_writeback_cache = False
 
     def __init__(self, fs: Filesystem) -> None:

@@ -1,7 +1,7 @@
 """Logging setup: stderr, journald priority prefixes, stack dumps, and redaction of secrets.
 
 Secrets (account keys, SAS signatures, connection strings, AWS secret keys, bearer tokens)
-must never reach a log line or a status screen, whatever module formats them (SPEC §5):
+must never reach a log line or a status screen, whatever module formats them (semantics §5):
 `redact` is the one filter, used by the log formatter, by everything that prints numbers
 about a mount, and by every message the command line prints (usage errors included). It
 also strips URL userinfo and query strings. This module knows nothing of FUSE, stores or the core.

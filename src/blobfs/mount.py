@@ -1,7 +1,7 @@
 """Startup and shutdown of a mount: the composition root.
 
 Builds the store, the core and the FUSE adapter, owns the nursery, handles signals, and
-on the way out commits everything pending before unmounting (SPEC §4). It also starts the
+on the way out commits everything pending before unmounting (semantics §4). It also starts the
 service-side workers around the mount: systemd notifications and watchdog (`systemd`), the
 status socket (`telemetry`) and Prometheus metrics (`metrics`), and records each mount in
 `runtime_dir()` for `blobfs status` and `blobfs unmount`.
@@ -159,7 +159,7 @@ def preflight(cfg: MountConfig) -> None:
             detail = "" if state == "alive" else f" ({state})"
             raise UsageError(f"mountpoint {mnt} is busy: something is already mounted "
                              f"there{detail} (blobfs unmount {mnt})")
-        # A dead earlier mount ("Transport endpoint is not connected"): clear it (SPEC §5).
+        # A dead earlier mount ("Transport endpoint is not connected"): clear it (semantics §5).
         log.warning("clearing a dead mount left at %s by a daemon that is gone", mnt)
         _clear_dead_mount(mnt)
     try:
@@ -321,7 +321,7 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
             # A read-only mount never writes to the store, not even a spool's leftovers.
             telemetry.damaged = await trio.to_thread.run_sync(_report_left_spool, spool)
         else:
-            # Finish what a crashed run left in the spool before serving (SPEC §4).
+            # Finish what a crashed run left in the spool before serving (semantics §4).
             report = await recover_spool(store, spool, fs.make_writer)
             telemetry.damaged = report.damaged
             for writer in report.writers:
@@ -413,7 +413,7 @@ async def serve_requests(cfg: MountConfig) -> None:
     """Run pyfuse3's main loop with as many request tasks as the memory budget allows.
 
     Each task keeps libfuse's 1 MiB receive buffer, and a write's data is copied before
-    our handler runs, so the task count is what bounds the memory of requests (SPEC §5).
+    our handler runs, so the task count is what bounds the memory of requests (semantics §5).
     """
     await pyfuse3.main(max_tasks=cfg.budget.requests)
 

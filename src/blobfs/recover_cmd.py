@@ -1,4 +1,4 @@
-"""`blobfs recover`: show what a spool holds and commit it without mounting (SPEC §5).
+"""`blobfs recover`: show what a spool holds and commit it without mounting (semantics §5).
 
 Useful when a mount cannot be started again (the machine moved, the mountpoint is gone):
 it replays every journal under CACHE_DIR/spool, prints one line per pending file, and

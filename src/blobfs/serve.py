@@ -2,7 +2,7 @@
 
 A composition root like `mount`: builds the store, the spool and the core, finishes what
 a crashed run left in the spool, serves HTTP until SIGTERM/SIGINT, then commits what is
-pending (SPEC §4). Runs in the foreground; under a `Type=notify` service READY=1 goes out
+pending (semantics §4). Runs in the foreground; under a `Type=notify` service READY=1 goes out
 once the socket listens. It must not import pyfuse3 (or `mount`, which does).
 """
 

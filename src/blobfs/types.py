@@ -65,7 +65,7 @@ class ObjectMeta:
 
     @property
     def stream(self) -> str | None:
-        """The lineage id: kept by appends, changed by any rewrite (SPEC §3)."""
+        """The lineage id: kept by appends, changed by any rewrite (semantics §3)."""
         return self.metadata.get(META_STREAM)
 
 
@@ -91,14 +91,14 @@ def rooted_stream(base: ObjectMeta) -> str:
     tool wrote (it has no lineage of its own).
 
     Derived from the base's ETag and size, so the new version records what it grew from:
-    a reader pinned to `base` computes the same id and can prove the append (SPEC §3).
+    a reader pinned to `base` computes the same id and can prove the append (semantics §3).
     """
     digest = hashlib.sha256(f"{base.size}\0{base.etag}".encode()).hexdigest()
     return "r" + digest[:31]
 
 
 def is_append_of(new: ObjectMeta, old: ObjectMeta) -> bool:
-    """Whether `new`'s lineage says it extends `old` without touching its bytes (SPEC §3).
+    """Whether `new`'s lineage says it extends `old` without touching its bytes (semantics §3).
 
     The claim is the lineage stream id that every blobfs commit records: appends keep it,
     rewrites and truncates change it; the first append onto another tool's version takes

@@ -62,7 +62,7 @@ LINEAGE = {META_STREAM: "stream-1"}
 # --- the layout planner (pure) ---------------------------------------------------------------
 def check_layout(size: int, segments: Sequence[tuple[str, Range]], parts: Sequence[Part],
                  staged: Sequence[StagedPart] = ()) -> None:
-    """Every invariant S3 and SPEC §2 put on a multipart layout."""
+    """Every invariant S3 and semantics §2 put on a multipart layout."""
     assert parts, "a layout has parts"
     pos = 0
     last_number = 0
@@ -1006,7 +1006,7 @@ async def test_copy_replaces_metadata(store: S3Store) -> None:
         await store.copy(ObjectMeta("gone", 1, v1.etag, 0.0), "x", {})
 
 
-# --- the cost of an append (SPEC §2) ------------------------------------------------------------
+# --- the cost of an append (semantics §2) -------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_append_cost_is_independent_of_blob_size(store: S3Store, proxy: Proxy) -> None:

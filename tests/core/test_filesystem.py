@@ -1,5 +1,5 @@
 """The Filesystem core on the memory store, without FUSE: commits, group commit, lineage,
-conflicts, read-your-writes and the SPEC §3 reactions to remote changes."""
+conflicts, read-your-writes and the semantics §3 reactions to remote changes."""
 
 from __future__ import annotations
 

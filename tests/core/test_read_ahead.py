@@ -1,5 +1,5 @@
 """Read-ahead on the memory store: how many ranged reads a sequential or random reader
-costs (SPEC §3). Request counts, not timings: on S3 a GET costs more than its bytes."""
+costs (semantics §3). Request counts, not timings: on S3 a GET costs more than its bytes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Azure through a real mount (Azurite): the cost of an append, the block-count bound,
-blobs other tools wrote, and the mount-time errors (SPEC §2, §3, §5).
+blobs other tools wrote, and the mount-time errors (semantics §2, §3, §5).
 
 A counting `Proxy` sits between the mount and Azurite (the mount's endpoint is the proxy),
 so the test sees every request the daemon makes and every byte it uploads. "Another tool"

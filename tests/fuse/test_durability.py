@@ -1,4 +1,4 @@
-"""SPEC §4 through real mounts: kill -9 loses no acknowledged byte; SIGTERM commits
+"""semantics §4 through real mounts: kill -9 loses no acknowledged byte; SIGTERM commits
 everything and exits 0; `blobfs recover` commits a spool without mounting; a disk-full
 spool reaches the writer as ENOSPC without damaging what was written."""
 

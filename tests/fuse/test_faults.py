@@ -1,4 +1,4 @@
-"""Faults through real mounts (SPEC §2 "Conditional", "Failures"; §4; §5 memory).
+"""Faults through real mounts (semantics §2 "Conditional", "Failures"; §4; §5 memory).
 
 A `Proxy` between the mount and moto or Azurite injects 5xx, resets and delays, or plays
 an endpoint that is down; two mounts append to one blob; another client replaces a blob
@@ -269,7 +269,7 @@ def test_endpoint_down_beyond_retry_timeout_keeps_data_for_next_mount(
 ) -> None:
     """retry_timeout=5: fsync and close give EIO, the spool keeps the bytes, shutdown gives
     up after shutdown_timeout and exits 1 saying so, and the next mount (endpoint back,
-    same cache_dir) commits them (SPEC §2 "Failures", §4)."""
+    same cache_dir) commits them (semantics §2 "Failures", §4)."""
     proxy = endpoint_proxy
     env = via_proxy(store_env, proxy.url)
     cache = tmp_path / "cache"
@@ -346,7 +346,7 @@ def test_two_mounts_append_whole_lines_to_one_blob(
     store_env: StoreEnv, variant: str, tmp_path: Path
 ) -> None:
     """Two mounts append to one blob for a few seconds: every line of both lands once,
-    whole, in its writer's order, and no close or write fails (SPEC §2 "Conditional":
+    whole, in its writer's order, and no close or write fails (semantics §2 "Conditional":
     when both sides only append, ours are rebased and committed)."""
     reopen, pause, scale, opts = VARIANTS[variant]
     with mounted(store_env, tmp_path, *opts, name="a") as a, \
@@ -383,7 +383,7 @@ def test_replaced_blob_fails_pending_appends_and_saves_them_aside(
 ) -> None:
     """Pending appends on mount A; another client replaces the blob. A's fsync and close
     give EIO, its log names the file, the spool keeps the bytes, and A's next start saves
-    them as KEY.blobfs-recovered-STAMP (SPEC §2 "Conditional", §4)."""
+    them as KEY.blobfs-recovered-STAMP (semantics §2 "Conditional", §4)."""
     cache = tmp_path / "cache"
     original = b"".join(line_for("orig", n) for n in range(100))
     appended = b"".join(line_for("mine", n) for n in range(500))

@@ -1,4 +1,4 @@
-"""The memory budget through a real mount (SPEC §5): memory_limit bounds how many FUSE
+"""The memory budget through a real mount (semantics §5): memory_limit bounds how many FUSE
 requests the daemon serves at once, and 100 files written at once stay within it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The core behaviours of SPEC §2-3 through real mounts, on every store two mounts share."""
+"""The core behaviours of semantics §2-3 through real mounts, on every store two mounts share."""
 
 from __future__ import annotations
 

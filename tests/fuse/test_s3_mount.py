@@ -1,4 +1,4 @@
-"""S3 through a real mount: the cost of an append (SPEC §2) and the mount-time errors.
+"""S3 through a real mount: the cost of an append (semantics §2) and the mount-time errors.
 
 A counting `Proxy` sits between the mount and the server (moto, and Ceph RGW: a real S3
 server), so the test sees every request the daemon makes and every byte it uploads.

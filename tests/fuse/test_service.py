@@ -1,4 +1,4 @@
-"""Running blobfs as a system service (SPEC §5), through real mounts of a file:// store.
+"""Running blobfs as a system service (semantics §5), through real mounts of a file:// store.
 
 systemd's notify protocol against a fake manager socket, daemon mode, mount(8) and fstab,
 a dead mount left by `kill -9`, `blobfs status`, Prometheus metrics, the sync-state

@@ -146,7 +146,7 @@ def mounted(
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        # A dead mount left there (ENOTCONN) is blobfs's to clear at start (SPEC §5).
+        # A dead mount left there (ENOTCONN) is blobfs's to clear at start (semantics §5).
         if exc.errno != errno.ENOTCONN:
             raise
     cache_dir = cache_dir or base / f"{name}-cache"

@@ -1,4 +1,4 @@
-"""memory_limit (SPEC §5): how the budget is shared out, that the mount applies it, and
+"""memory_limit (semantics §5): how the budget is shared out, that the mount applies it, and
 that a budget too small for the other options is a one-line usage error."""
 
 from __future__ import annotations

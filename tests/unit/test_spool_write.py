@@ -1,4 +1,4 @@
-"""The spool's write path (SPEC §4): what a write leaves on disk before it returns, with
+"""The spool's write path (semantics §4): what a write leaves on disk before it returns, with
 the writer threads, the hand-made W record and the preallocation of extending writes."""
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ MAX_KEY = 1024
 MAX_FILE_SIZE = 5 << 40
 #: An unlinked file's committed bytes are copied into the spool for its open handles
 #: (POSIX: the data stays readable) up to this size; past it they see ENOENT, as for a
-#: blob deleted by another host (SPEC §3).
+#: blob deleted by another host (semantics §3).
 KEEP_UNLINKED_MAX = 256 << 20
 
 
@@ -98,7 +98,7 @@ class Handle:
     gen: int
     writable: bool
     append: bool
-    #: Where the last read ended, and the read-ahead window it grew (SPEC §3).
+    #: Where the last read ended, and the read-ahead window it grew (semantics §3).
     last_end: int = -1
     window: int = CACHE_BLOCK
 
@@ -398,7 +398,7 @@ class Filesystem:
         await self._observe(inode, new)
 
     async def _observe(self, inode: Inode, new: ObjectMeta | None) -> Inode:
-        """React to the store's current version of `inode` (SPEC §3, docs/semantics.md).
+        """React to the store's current version of `inode` (semantics §3, docs/semantics.md).
 
         Returns the inode the key now names: a replaced or deleted blob's inode is retired
         (its handles keep their view: EOF at its end, ESTALE or ENOENT inside it) and the
@@ -1077,7 +1077,7 @@ class Filesystem:
         return await self.cache.fetch_view((meta.key, meta.etag, block_no), load)
 
     def _advance_window(self, h: Handle, off: int, end: int, size: int) -> int:
-        """Grow the window on sequential reads; return where fetching should stop (SPEC §3).
+        """Grow the window on sequential reads; return where fetching should stop (semantics §3).
 
         Called as a read arrives, before any await, so reads are seen in the kernel's
         order. The kernel still sends its read-ahead as several concurrent requests, a
@@ -1197,7 +1197,7 @@ class Filesystem:
         self._spawn(self._commit_timer, inode, w)
 
     async def _commit_timer(self, inode: Inode, w: FileWriter) -> None:
-        """Commit every commit_interval while the file has pending data (SPEC §2).
+        """Commit every commit_interval while the file has pending data (semantics §2).
 
         A commit that fails is retried with a growing pause (up to RETRY_PAUSE_MAX) as long
         as its cause can clear: a log writer that never closes must not leave its data in

@@ -82,7 +82,7 @@ class Inode:
 
 
 def valid_name(name: str) -> bool:
-    """Whether a key segment can be shown as a path name (SPEC §1)."""
+    """Whether a key segment can be shown as a path name (semantics §1)."""
     return (
         name not in ("", ".", "..")
         and "/" not in name

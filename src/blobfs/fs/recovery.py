@@ -1,4 +1,4 @@
-"""Crash recovery: finish the commits a dead daemon left in the spool (SPEC §4).
+"""Crash recovery: finish the commits a dead daemon left in the spool (semantics §4).
 
 For each journal in the spool: replay it through the same epoch logic the live write
 path uses, find out whether an interrupted commit landed (its id is in the blob's

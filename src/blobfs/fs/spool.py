@@ -1,4 +1,4 @@
-"""The local spool: pending bytes of each file, on disk before `write()` returns (SPEC §4).
+"""The local spool: pending bytes of each file, on disk before `write()` returns (semantics §4).
 
 Layout: CACHE_DIR/spool/SOURCE-HASH/ (mode 0700), locked by the running mount, holds one
 entry per file with pending data. blobfs creates these directories 0700 and never chmods

@@ -1,4 +1,4 @@
-"""Pending writes of one file and their commits (SPEC §2).
+"""Pending writes of one file and their commits (semantics §2).
 
 A `FileWriter` holds what this mount changed on top of the committed `base` version:
 the bytes live in a spool file, and an `Epoch` records which ranges are dirty since the
@@ -44,7 +44,7 @@ def new_stream() -> str:
 
 def lineage_of(base: ObjectMeta | None) -> str:
     """The stream id appends onto `base` carry: its own, or for a version another tool
-    wrote one derived from it, so readers pinned to that version can follow (SPEC §3)."""
+    wrote one derived from it, so readers pinned to that version can follow (semantics §3)."""
     if base is None:
         return new_stream()
     return base.stream or rooted_stream(base)
@@ -392,7 +392,7 @@ class FileWriter:
             return meta
 
     async def _rebase(self, ep: Epoch, size: int, commit_id: str) -> int:
-        """Move our appended bytes onto the new remote end, or fail (SPEC §2).
+        """Move our appended bytes onto the new remote end, or fail (semantics §2).
 
         Returns the new size of the version being committed.
         Raises:

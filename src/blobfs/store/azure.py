@@ -1,7 +1,7 @@
 """The Azure Blob Storage adapter: block blobs of one container, under an optional prefix.
 
 This module owns everything Azure: credentials and endpoints, the block-id scheme, how a
-new version is assembled from committed blocks plus newly staged ones (SPEC §2), the
+new version is assembled from committed blocks plus newly staged ones (semantics §2), the
 block-merge ladder that keeps the committed block count bounded, and the translation of
 every azure-core / azure-storage exception into `blobfs.errors` (one `classify`). It is
 the only module that imports the Azure SDK. It must not know about inodes, handles, FUSE
@@ -409,7 +409,7 @@ def _with_account(endpoint: str, account: str | None) -> str:
 
 
 def resolve_access(cfg: StoreConfig, environ: Mapping[str, str]) -> _Access:
-    """Pick the endpoint and credential from options and the environment (SPEC §1).
+    """Pick the endpoint and credential from options and the environment (semantics §1).
 
     Order: AZURE_STORAGE_CONNECTION_STRING; account (`-o account=` or AZURE_STORAGE_ACCOUNT)
     with AZURE_STORAGE_KEY, else AZURE_STORAGE_SAS_TOKEN, else azure-identity's
@@ -998,7 +998,7 @@ class AzureStore:
         self._remember_settings(name, meta.etag, props.content_settings)
         if META_STREAM not in meta.metadata and self._layouts.get(name, meta.etag) is None:
             # Another tool wrote this blob: remember its blocks so a later version can be
-            # proven an append by its block list (SPEC §3). Best effort.
+            # proven an append by its block list (semantics §3). Best effort.
             with contextlib.suppress(NotFound, PreconditionFailed):
                 await self.layout(key, meta.etag)
         return meta

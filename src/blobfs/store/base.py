@@ -1,7 +1,7 @@
 """The object-store protocol every backend implements, and helpers built only on it.
 
 A store holds versions of keys. Every version has an ETag; commits are conditional on the
-ETag the caller last saw, so a lost update is always detected (SPEC §2). A new version is
+ETag the caller last saw, so a lost update is always detected (semantics §2). A new version is
 built by a `BlockUpload`: the caller stages full blocks of new bytes as they fill and then
 commits a description of the whole new content -- which byte ranges are new ("dirty"),
 and that everything else is the base version's bytes (or zeros past the base's end). This
@@ -213,7 +213,7 @@ class ObjectStore(Protocol):
         ...
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
-        """Whether `new` keeps `old`'s bytes as a prefix (SPEC §3 lineage)."""
+        """Whether `new` keeps `old`'s bytes as a prefix (semantics §3 lineage)."""
         ...
 
     async def aclose(self) -> None:

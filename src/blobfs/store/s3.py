@@ -1,7 +1,7 @@
 """`s3://BUCKET[/PREFIX]`: the S3 adapter (boto3), for AWS and S3-compatible servers.
 
 This module owns the boto3 client, the translation of every S3/botocore failure into
-`blobfs.errors`, and the multipart layout planner that turns a commit (SPEC §2) into S3
+`blobfs.errors`, and the multipart layout planner that turns a commit (semantics §2) into S3
 requests: one conditional `PutObject` below 5 MiB, otherwise a multipart upload that copies
 unchanged base ranges server-side (`UploadPartCopy`), uploads only new bytes
 (`UploadPart`), and publishes them atomically with a conditional
@@ -585,7 +585,7 @@ class S3Upload:
     # --- commit ----------------------------------------------------------------------------
     async def commit(self, size: int, dirty: Sequence[Range],
                      metadata: Mapping[str, str]) -> ObjectMeta:
-        """Publish the new version atomically, conditional on `base` (SPEC §2).
+        """Publish the new version atomically, conditional on `base` (semantics §2).
 
         Blocks no thread of the caller; checkpoints. On failure the multipart upload is
         aborted and staged parts are forgotten, so a later commit re-sends from the source.
