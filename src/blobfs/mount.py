@@ -32,14 +32,13 @@ import trio
 from blobfs import metrics, systemd
 from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig
-from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
+from blobfs.errors import UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import JournalCorrupt, Spool, ensure_private_dir, read_journal
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
-from blobfs.store import open_store
-from blobfs.store.base import ObjectStore
+from blobfs.preflight import check_store
 from blobfs.systemd import Notifier
 from blobfs.telemetry import (
     Meter,
@@ -53,7 +52,6 @@ from blobfs.types import Ino
 log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
-EXIT_STORE = 3
 EXIT_FUSE = 4
 
 
@@ -198,24 +196,6 @@ def _clear_dead_mount(mnt: Path) -> None:
             return
     raise UsageError(f"a dead mount is left at {mnt} and cannot be cleared ({detail}): run "
                      f"fusermount3 -u -z {mnt} as its owner, or umount -l {mnt} as root")
-
-
-async def check_store(cfg: MountConfig) -> ObjectStore:
-    store = open_store(cfg.source, cfg.store)
-    try:
-        await store.check()
-    except NotFound as exc:
-        raise UsageError(f"{store.display} does not exist ({exc}): create it first, or fix "
-                         "the source URL", EXIT_STORE) from None
-    except AccessDenied as exc:
-        raise UsageError(f"{store.display}: access denied ({exc}): check the credentials",
-                         EXIT_STORE) from None
-    except StoreUnavailable as exc:
-        raise UsageError(f"{store.display} cannot be reached ({exc}): check the endpoint "
-                         "and the network", EXIT_STORE) from None
-    except StoreError as exc:
-        raise UsageError(f"{store.display}: {exc}", EXIT_STORE) from None
-    return store
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:

@@ -18,18 +18,17 @@ import trio
 from blobfs import http, systemd
 from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig, options_help, parse_options
-from blobfs.errors import AccessDenied, NotFound, StoreError, StoreUnavailable, UsageError
+from blobfs.errors import UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool
 from blobfs.http.settings import from_options
-from blobfs.store import open_store, split_source
-from blobfs.store.base import ObjectStore
+from blobfs.preflight import check_store
+from blobfs.store import split_source
 from blobfs.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
-EXIT_STORE = 3
 
 USAGE = "blobfs serve SOURCE --listen HOST:PORT [-o OPT[=VALUE],...] [--debug]"
 
@@ -66,24 +65,6 @@ def parse_serve_args(argv: list[str]) -> tuple[MountConfig, str]:
     return cfg, args.listen
 
 
-async def _open_checked_store(cfg: MountConfig) -> ObjectStore:
-    store = open_store(cfg.source, cfg.store)
-    try:
-        await store.check()
-    except NotFound as exc:
-        raise UsageError(f"{store.display} does not exist ({exc}): create it first, or fix "
-                         "the source URL", EXIT_STORE) from None
-    except AccessDenied as exc:
-        raise UsageError(f"{store.display}: access denied ({exc}): check the credentials",
-                         EXIT_STORE) from None
-    except StoreUnavailable as exc:
-        raise UsageError(f"{store.display} cannot be reached ({exc}): check the endpoint "
-                         "and the network", EXIT_STORE) from None
-    except StoreError as exc:
-        raise UsageError(f"{store.display}: {exc}", EXIT_STORE) from None
-    return store
-
-
 async def serve(cfg: MountConfig, listen: str, *, notifier: Notifier | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then commit what is pending; the exit code.
 
@@ -92,7 +73,7 @@ async def serve(cfg: MountConfig, listen: str, *, notifier: Notifier | None = No
     """
     tune_malloc()
     notifier = notifier or Notifier(None)
-    store = await _open_checked_store(cfg)
+    store = await check_store(cfg)
     spool = Spool(cfg.cache_dir, cfg.source)
     spool.prepare()
     failed: list[str] = []
