@@ -308,7 +308,7 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
                 fs.adopt(writer)
             # Commits like any other: STATUS, `blobfs status` and metrics count them (the
             # metered store already counted their bytes).
-            fs.stats["commits"] += len(report.committed) + len(report.recovered_copies)
+            fs.count_recovered(len(report.committed) + len(report.recovered_copies))
         ops = FuseOps(fs)
         runtime_ok = await trio.to_thread.run_sync(prepare_runtime_dir)
         control = await open_control_listener(control_socket(cfg.mountpoint)) \
@@ -344,7 +344,7 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         try:
             await serve_requests(cfg)
         finally:
-            fs.shutting_down = True
+            fs.begin_shutdown()
             notifier.stopping(telemetry.summary())
             with trio.move_on_after(cfg.shutdown_timeout) as scope:
                 scope.shield = True
@@ -422,7 +422,7 @@ async def _watch_signals(fs: Filesystem, notifier: Notifier, telemetry: Telemetr
                 continue
             log.info("got %s: committing pending data and unmounting",
                      signal.Signals(signum).name)
-            fs.shutting_down = True
+            fs.begin_shutdown()
             notifier.stopping(telemetry.summary())
             pyfuse3.terminate()
             return

@@ -93,7 +93,7 @@ async def serve(cfg: MountConfig, listen: str, *, notifier: Notifier | None = No
                     log.info("got %s: committing pending data and stopping",
                              signal.Signals(signum).name)
                     break
-            fs.shutting_down = True
+            fs.begin_shutdown()
             notifier.stopping("committing pending data")
             with trio.move_on_after(cfg.shutdown_timeout) as scope:
                 scope.shield = True

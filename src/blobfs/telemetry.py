@@ -28,8 +28,10 @@ import trio
 
 from blobfs import __version__
 from blobfs.errors import PreconditionFailed
+from blobfs.fs.records import Stats
 from blobfs.log import redact
-from blobfs.store.base import BlockUpload, ObjectStore, Range, normalize_ranges
+from blobfs.store.base import BlockUpload, ObjectStore
+from blobfs.types import Range, normalize_ranges
 
 if TYPE_CHECKING:
     from blobfs.config import MountConfig
@@ -160,7 +162,7 @@ class Telemetry:
         fs = self.fs
         open_files = pending = 0
         lag = 0.0
-        stats: Mapping[str, int] = {}
+        stats = Stats()
         replies: Mapping[str, int] = {}
         stopping = False
         failing: list[tuple[str, int, str]] = []
@@ -184,21 +186,21 @@ class Telemetry:
             "pending_bytes": pending,
             "upload_lag_seconds": round(lag, 3),
             "last_commit_at": self.meter.last_commit_at,
-            "commits": int(stats.get("commits", 0)),
-            "commit_errors": int(stats.get("commit_errors", 0)),
+            "commits": stats.commits,
+            "commit_errors": stats.commit_errors,
             "failing_files": len(failing),
             "failing": [{"key": key, "failures": n, "error": err}
                         for key, n, err in sorted(failing)[:FAILING_SHOWN]],
-            "conflicts": int(stats.get("conflicts", self.meter.conflicts)),
+            "conflicts": self.meter.conflicts,
             "retries": store_retries(self.store),
             "committed_bytes": self.meter.committed_bytes,
             "staged_bytes": self.meter.staged_bytes,
             "upload_rate_bytes_per_second": round(self.meter.rate(), 1),
             "damaged_journals": list(self.damaged),
             "remote_changes": {
-                "appends_followed": int(stats.get("appends_followed", 0)),
-                "replaced": int(stats.get("replaced", 0)),
-                "deleted": int(stats.get("deleted", 0)),
+                "appends_followed": stats.appends_followed,
+                "replaced": stats.replaced,
+                "deleted": stats.deleted,
             },
             "errno_replies": dict(replies),
             "options": {

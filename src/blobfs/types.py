@@ -6,7 +6,7 @@ Nothing here knows about FUSE, trio or any SDK.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -112,3 +112,27 @@ def is_append_of(new: ObjectMeta, old: ObjectMeta) -> bool:
         return False
     expected = old.stream if old.stream is not None else rooted_stream(old)
     return new.stream == expected
+
+
+@dataclass(frozen=True, order=True)
+class Range:
+    """A half-open byte range [off, off + size)."""
+
+    off: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.off + self.size
+
+
+def normalize_ranges(ranges: Sequence[Range]) -> list[Range]:
+    """Sort, drop empties and merge overlapping or touching ranges."""
+    out: list[Range] = []
+    for r in sorted(r for r in ranges if r.size > 0):
+        if out and r.off <= out[-1].end:
+            last = out[-1]
+            out[-1] = Range(last.off, max(last.end, r.end) - last.off)
+        else:
+            out.append(r)
+    return out

@@ -262,7 +262,7 @@ async def test_mkdir_rmdir_and_rename(store: MemoryStore, tmp_path: Path) -> Non
 async def test_shutdown_refuses_new_writers(store: MemoryStore, tmp_path: Path) -> None:
     async with running_fs(store, tmp_path) as fs:
         await write_file(fs, "s", b"1")
-        fs.shutting_down = True
+        fs.begin_shutdown()
         attr = await fs.lookup(1, "s")
         with pytest.raises(FsError) as exc:
             await fs.open(attr.ino, os.O_WRONLY)

@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from blobfs.fs.cache import CACHE_BLOCK
-from blobfs.fs.core import READ_AHEAD_RUN, Filesystem
+from blobfs.fs.core import Filesystem
+from blobfs.fs.reader import READ_AHEAD_RUN
 from blobfs.store.base import put_bytes
 from blobfs.store.memory import MemoryStore
 from blobfs.types import ETag

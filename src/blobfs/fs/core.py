@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import trio
@@ -27,32 +25,26 @@ from blobfs.errors import (
     FsError,
     NotFound,
     PreconditionFailed,
-    StoreError,
     bad_name,
     gone,
     name_too_long,
     stale,
     too_big,
 )
-from blobfs.fs.cache import CACHE_BLOCK, BlockCache
+from blobfs.fs.cache import BlockCache
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable, valid_name
+from blobfs.fs.reader import Reader
+from blobfs.fs.records import Attr, DirEntry, DirStream, Handle, Listing, Stats, Version
 from blobfs.fs.spool import Spool, SpoolEntry
 from blobfs.fs.writer import FileWriter, base_record, new_stream
-from blobfs.store.base import ObjectStore, Range, put_bytes
-from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta
+from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.tasks import gather
+from blobfs.types import META_STREAM, Fh, Ino, ObjectMeta, Range
 
 log = logging.getLogger(__name__)
 
-#: Largest read-ahead request, in cache blocks: parallel ranged GETs of up to 8 MiB.
-READ_AHEAD_RUN = 8
 #: Longest pause between retries of a commit that keeps failing (seconds).
 RETRY_PAUSE_MAX = 300.0
-#: How far from the previous read's end a read still counts as sequential: the kernel's
-#: concurrent read-ahead requests arrive slightly out of order.
-SEQUENTIAL_SLACK = 2 * CACHE_BLOCK
-#: How many bytes a reader compares before following a claimed append: enough to catch a
-#: rewrite of the text it just read, one small ranged GET.
-SEAM = 4096
 #: Longest key (bytes) every store takes: S3 and Azure both stop at 1024.
 MAX_KEY = 1024
 #: Largest file size: S3's object limit, the smallest of the stores', so a file behaves
@@ -66,89 +58,6 @@ KEEP_UNLINKED_MAX = 256 << 20
 
 XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending_bytes",
           "user.blobfs.last_commit")
-
-
-@dataclass(frozen=True)
-class Attr:
-    ino: Ino
-    mode: int
-    size: int
-    mtime: float
-    uid: int
-    gid: int
-    timeout: float
-    #: 0 once the file was unlinked while open.
-    nlink: int = 1
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    name: str
-    attr: Attr
-
-
-@dataclass
-class Handle:
-    fh: Fh
-    inode: Inode
-    gen: int
-    writable: bool
-    append: bool
-    #: Where the last read ended, and the read-ahead window it grew (semantics §3).
-    last_end: int = -1
-    window: int = CACHE_BLOCK
-
-
-@dataclass
-class Version:
-    """What a reader outside FUSE (the HTTP face) is shown of an open file."""
-
-    size: int
-    etag: str | None
-    mtime: float
-    #: Bytes written here and not committed yet are part of `size`.
-    pending: bool
-    #: Handles open for writing on this file in this process.
-    writers: int
-
-
-@dataclass
-class _Listing:
-    """One directory as the store paged it, plus this mount's uncommitted creates.
-
-    Indexed by name, so a lookup costs the same in a directory of any size; never mutated
-    once built (a refresh makes a new one), so an open directory stream can keep reading
-    the one it started with.
-    """
-
-    at: float
-    #: Entry names in readdir order: a readdir offset is an index into it.
-    names: list[str]
-    #: name -> the version the listing showed; None for directories and uncommitted files.
-    metas: dict[str, ObjectMeta | None]
-    dirs: frozenset[str]
-    #: Store requests the paging took, and lookups it answered: once a stale listing has
-    #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
-    #: (and a one-key LIST) per lookup.
-    pages: int
-    #: Seconds the paging took (`Filesystem._fresh`).
-    took: float = 0.0
-    hits: int = 0
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-@dataclass(frozen=True)
-class DirStream:
-    """What `opendir` hands the adapter: the listing an open directory reads from."""
-
-    inode: Inode
-    listing: _Listing
 
 
 class Filesystem:
@@ -171,13 +80,11 @@ class Filesystem:
         self._invalidate = invalidate
         self._invalidate_entry = invalidate_entry
         self.inodes = InodeTable()
-        self.cache = BlockCache(cfg.cache_size)
-        #: Blocks of runs decided on but whose fetch task has not claimed them in the
-        #: cache yet: a read arriving in between must not fetch them again.
-        self._scheduled: dict[tuple[str, str, int], trio.Event] = {}
+        self.reader = Reader(store, BlockCache(cfg.cache_size),
+                             readahead_max=cfg.readahead_max, spawn=spawn)
         self._handles: dict[Fh, Handle] = {}
         self._next_fh = 1
-        self._listings: dict[str, _Listing] = {}
+        self._listings: dict[str, Listing] = {}
         #: Directories being paged now: lookups and readdirs of them wait for that paging.
         self._listing_busy: dict[str, trio.Event] = {}
         #: Files created here, by parent key, until committed (`_uncommitted_creates`).
@@ -197,8 +104,7 @@ class Filesystem:
         #: or is observed remotely; `rewrite` means bytes already shown may differ now (not
         #: an append). The HTTP face wakes its followers with it; it must not block.
         self.on_change: Callable[[Inode, bool], None] = lambda inode, rewrite: None
-        self.stats = {"commits": 0, "commit_errors": 0, "appends_followed": 0,
-                      "replaced": 0, "deleted": 0}
+        self.stats = Stats()
         #: Error replies by errno name: the adapter logs the first of each, counts all.
         self.errno_replies: dict[str, int] = {}
 
@@ -214,6 +120,21 @@ class Filesystem:
 
         return cls(store, cfg, spool=spool, spawn=spawn, invalidate=invalidate,
                    invalidate_entry=invalidate_entry)
+
+    # --- what the composition root and the faces tell the core ---------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new writable opens from now on: the mount is committing and stopping."""
+        self.shutting_down = True
+
+    def watch_changes(self, fn: Callable[[Inode, bool], None]) -> None:
+        """Call `fn(inode, rewrite)` on each change of a file's content or version (see
+        `on_change`); one watcher, the HTTP face's."""
+        self.on_change = fn
+
+    def count_recovered(self, commits: int) -> None:
+        """Count commits that spool recovery made before this mount served: they are
+        commits like any other for status and metrics."""
+        self.stats.commits += commits
 
     # --- attributes -----------------------------------------------------------------
     def _attr(self, inode: Inode) -> Attr:
@@ -301,7 +222,7 @@ class Filesystem:
             page = await self.store.list(key + "/", limit=1)
             dir_found = bool(page.objects or page.prefixes)
 
-        await _gather(head, probe_dir)
+        await gather(head, probe_dir)
         if dir_found:
             if file_meta is not None:
                 self.inodes.warn_once(key, "a file beside a directory of the same name; "
@@ -416,7 +337,7 @@ class Filesystem:
         if new is None:
             if old is None or inode.deleted:
                 return inode
-            self.stats["deleted"] += 1
+            self.stats.deleted += 1
             log.warning("%s was deleted remotely; open handles now fail with ENOENT "
                         "inside the version they read", inode.key)
             self._end_generation(inode, gone(f"{inode.key} was deleted remotely"))
@@ -440,13 +361,13 @@ class Filesystem:
         if appended is None:
             return inode  # `new` moved on while we checked: the next refresh decides
         if appended:
-            self.cache.alias_nowait(inode.key, old.etag, new.etag, old.size)
+            self.reader.follow_append_nowait(inode.key, old, new)
             inode.meta = new
-            self.stats["appends_followed"] += 1
+            self.stats.appends_followed += 1
             log.debug("%s grew by an append: %d -> %d bytes", inode.key, old.size, new.size)
             self.on_change(inode, False)
             return inode
-        self.stats["replaced"] += 1
+        self.stats.replaced += 1
         log.warning("%s was replaced remotely; open handles now fail with ESTALE inside "
                     "the version they read", inode.key)
         self._end_generation(inode, stale(f"{inode.key} was replaced remotely"))
@@ -484,24 +405,7 @@ class Filesystem:
         """
         if not await self.store.proves_append(old, new):
             return False
-        seen = self.cache.last_block_nowait(old.key, old.etag)
-        if seen is None:
-            return True  # nothing of `old` is cached here, so nothing can be mixed
-        block_no, data = seen
-        start = block_no * CACHE_BLOCK
-        end = min(start + len(data), old.size)
-        lo = max(start, end - SEAM)
-        if end <= lo:
-            return True
-        try:
-            fresh = await self.store.read(new.key, new.etag, lo, end - lo)
-        except (PreconditionFailed, NotFound):
-            return None
-        if fresh == bytes(data[lo - start : end - start]):
-            return True
-        log.warning("%s claims to append to the version this mount read, but bytes %d-%d "
-                    "differ: treated as replaced", new.key, lo, end)
-        return False
+        return await self.reader.cached_seam(old, new)
 
     def _retire(self, inode: Inode) -> None:
         """Detach a replaced or deleted blob's inode from its name, frozen at its last
@@ -527,7 +431,7 @@ class Filesystem:
         self._listings.pop(dir_key, None)
         self._dir_changes[dir_key] = self._dir_changes.get(dir_key, 0) + 1
 
-    async def _lookup_listing(self, parent: Inode) -> _Listing | None:
+    async def _lookup_listing(self, parent: Inode) -> Listing | None:
         """The listing a lookup in `parent` should answer from, or None to ask the store
         about the one name. A stale listing that has been paying for itself is paged again
         (once, however many lookups wait for it): `ls -l` of a big directory then costs a
@@ -541,7 +445,7 @@ class Filesystem:
             return None
         return await self._list(parent)
 
-    async def _list(self, inode: Inode) -> _Listing:
+    async def _list(self, inode: Inode) -> Listing:
         """The directory's listing, paged through the store at most once per list_ttl."""
         while True:
             cached = self._listings.get(inode.key)
@@ -568,7 +472,7 @@ class Filesystem:
             self._prune_listings()
         return listing
 
-    def _fresh(self, listing: _Listing) -> bool:
+    def _fresh(self, listing: Listing) -> bool:
         """Whether a listing may still answer: for list_ttl, or for 4 times as long as
         paging it took when that is longer. A directory too big to page within list_ttl
         would otherwise be paged without pause, and the lookups waiting on each paging
@@ -586,7 +490,7 @@ class Filesystem:
             if not self._fresh(listing):
                 del self._listings[key]
 
-    async def _page_listing(self, inode: Inode) -> _Listing:
+    async def _page_listing(self, inode: Inode) -> Listing:
         prefix = inode.key
         started = trio.current_time()
         dirs: dict[str, None] = {}
@@ -624,7 +528,7 @@ class Filesystem:
         for other in self._uncommitted_creates(prefix):
             metas.setdefault(other.key[len(prefix):], None)
         now = trio.current_time()
-        return _Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
+        return Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
 
     def _note_create(self, inode: Inode) -> None:
         """Index a file this mount created, by directory, until its first commit."""
@@ -780,7 +684,7 @@ class Filesystem:
                 # Our own commit: the kernel's pages hold exactly these bytes, since every
                 # read it cached was answered from this writer's view.
                 inode.kernel_etag = meta.etag
-                self.stats["commits"] += 1
+                self.stats.commits += 1
             inode.meta = meta
             inode.checked_at = trio.current_time()
 
@@ -1024,111 +928,7 @@ class Filesystem:
         return b"".join(parts)
 
     async def _read_version(self, h: Handle, meta: ObjectMeta, off: int, size: int) -> bytes:
-        """Bytes [off, off+size) of version `meta`, through the block cache.
-
-        Raises:
-            PreconditionFailed: `meta` is no longer the current version.
-        """
-        end = min(off + size, meta.size)
-        if end <= off:
-            return b""
-        first, last = off // CACHE_BLOCK, (end - 1) // CACHE_BLOCK
-        stop = self._advance_window(h, off, end, meta.size)
-        runs = self._missing_runs(meta, first, stop)
-        if (runs and runs[-1][0] > last and len(runs[-1]) < READ_AHEAD_RUN
-                and stop < meta.size and h.window >= 2 * READ_AHEAD_RUN * CACHE_BLOCK):
-            # The window slides a block per read: its newest blocks wait until they make a
-            # whole run, so far enough ahead there is one GET per run, not one per block.
-            runs.pop()
-        for run in runs:
-            fetched = trio.Event()
-            self._scheduled.update(((meta.key, meta.etag, b), fetched) for b in run)
-            if run[0] > last:
-                self._spawn(self._prefetch, meta, run)
-        # A run holding blocks this read needs is fetched now, whole: in a sequential
-        # stream a demand miss then costs one GET for the run instead of one per block.
-        demand = [run for run in runs if run[0] <= last]
-        if demand:
-            await _gather(*(functools.partial(self._prefetch, meta, run) for run in demand))
-        blocks: dict[int, bytes | memoryview] = {}
-
-        def loader(block_no: int) -> Callable[[], Awaitable[None]]:
-            async def load() -> None:
-                blocks[block_no] = await self._block(meta, block_no)
-            return load
-
-        await _gather(*(loader(b) for b in range(first, last + 1)))
-        if first == last:
-            # One block: hand its slice to the kernel as a buffer, without a copy.
-            start = off - first * CACHE_BLOCK
-            return memoryview(blocks[first])[start : start + (end - off)]
-        data = b"".join(blocks[b] for b in range(first, last + 1))
-        start = off - first * CACHE_BLOCK
-        return data[start : start + (end - off)]
-
-    async def _block(self, meta: ObjectMeta, block_no: int) -> bytes | memoryview:
-        scheduled = self._scheduled.get((meta.key, meta.etag, block_no))
-        if scheduled is not None:
-            await scheduled.wait()  # a run fetching it is about to start
-
-        async def load() -> bytes:
-            return await self.store.read(meta.key, meta.etag, block_no * CACHE_BLOCK,
-                                         CACHE_BLOCK)
-        return await self.cache.fetch_view((meta.key, meta.etag, block_no), load)
-
-    def _advance_window(self, h: Handle, off: int, end: int, size: int) -> int:
-        """Grow the window on sequential reads; return where fetching should stop (semantics §3).
-
-        Called as a read arrives, before any await, so reads are seen in the kernel's
-        order. The kernel still sends its read-ahead as several concurrent requests, a
-        little out of order: a read near the furthest end seen so far is sequential.
-        """
-        sequential = off == 0 or abs(off - h.last_end) <= SEQUENTIAL_SLACK
-        if sequential and off != 0:
-            h.window = min(h.window * 2, self.cfg.readahead_max)
-            h.last_end = max(h.last_end, end)
-        else:
-            h.window = CACHE_BLOCK
-            h.last_end = end
-        if not sequential:
-            return end
-        return min(size, max(end, h.last_end) + h.window)
-
-    def _missing_runs(self, meta: ObjectMeta, first: int, stop: int) -> list[list[int]]:
-        """Blocks from `first` up to byte `stop` that are neither cached nor in flight, as
-        runs of consecutive blocks fetched with one ranged GET each."""
-        runs: list[list[int]] = []
-        run: list[int] = []
-        for block_no in range(first, (stop - 1) // CACHE_BLOCK + 1):
-            bkey = (meta.key, meta.etag, block_no)
-            if self.cache.contains(bkey) or bkey in self._scheduled:
-                continue
-            if run and (block_no != run[-1] + 1 or len(run) == READ_AHEAD_RUN):
-                runs.append(run)
-                run = []
-            run.append(block_no)
-        if run:
-            runs.append(run)
-        return runs
-
-    async def _prefetch(self, meta: ObjectMeta, blocks: list[int]) -> None:
-        """Fetch consecutive blocks with one ranged GET: requests, not bytes, cost most."""
-        off = blocks[0] * CACHE_BLOCK
-        size = len(blocks) * CACHE_BLOCK
-
-        async def load() -> bytes:
-            return await self.store.read(meta.key, meta.etag, off, size)
-
-        bkeys = [(meta.key, meta.etag, b) for b in blocks]
-        try:
-            await self.cache.fetch_run(bkeys, load)
-        except StoreError as exc:
-            log.debug("prefetch of %s blocks %s failed: %s", meta.key, blocks, exc)
-        finally:
-            for bkey in bkeys:
-                fetched = self._scheduled.pop(bkey, None)
-                if fetched is not None:
-                    fetched.set()
+        return await self.reader.read(h.window, meta, off, size)
 
     # --- writes ---------------------------------------------------------------------
     async def write(self, fh: int, off: int, data: bytes) -> int:
@@ -1232,7 +1032,7 @@ class Filesystem:
         try:
             await w.commit()
         except FsError as exc:
-            self.stats["commit_errors"] += 1
+            self.stats.commit_errors += 1
             w.failures += 1
             if w.failures == 1:
                 # Once per file per state change: a writer that never closes (nginx) would
@@ -1459,27 +1259,6 @@ def _can_clear(exc: BaseException) -> bool:
             return False
         cause = cause.__cause__
     return True
-
-
-async def _gather(*fns: Callable[[], Awaitable[None]]) -> None:
-    """Run `fns` concurrently; re-raise the first failure as itself, not as a group."""
-    if len(fns) == 1:
-        await fns[0]()
-        return
-    errors: list[BaseException] = []
-
-    async def run(fn: Callable[[], Awaitable[None]], cancel: trio.CancelScope) -> None:
-        try:
-            await fn()
-        except Exception as exc:
-            errors.append(exc)
-            cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        for fn in fns:
-            nursery.start_soon(run, fn, nursery.cancel_scope)
-    if errors:
-        raise errors[0]
 
 
 async def _guarded(fn: Callable[..., Awaitable[object]], *args: object) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import trio
 
 from blobfs.fs.extents import RangeSet
-from blobfs.store.base import BlockUpload, Range
+from blobfs.store.base import BlockUpload
+from blobfs.types import Range
 
 
 @dataclass

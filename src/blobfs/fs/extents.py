@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from blobfs.store.base import Range, normalize_ranges
+from blobfs.types import Range, normalize_ranges
 
 
 class RangeSet:

@@ -31,8 +31,8 @@ from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError
 from blobfs.fs.epoch import Epoch, merge
 from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
 from blobfs.fs.writer import FileWriter
-from blobfs.store.base import ObjectStore, Range, put_bytes
-from blobfs.types import META_COMMIT, META_STREAM, ETag, ObjectMeta
+from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.types import META_COMMIT, META_STREAM, ETag, ObjectMeta, Range
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import trio
 from blobfs.errors import NotFound, PreconditionFailed, StoreError, commit_failed
 from blobfs.fs.epoch import Epoch, merge
 from blobfs.fs.spool import COMPACT_AT, SpoolEntry
-from blobfs.store.base import BlockUpload, ObjectStore, Range
-from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta, rooted_stream
+from blobfs.store.base import BlockUpload, ObjectStore
+from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta, Range, rooted_stream
 
 log = logging.getLogger(__name__)
 

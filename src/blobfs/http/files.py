@@ -379,7 +379,7 @@ class Hub:
         #: Rewrites seen per key, kept only while a response reads the key.
         self._rewrites: dict[str, int] = {}
         self._watchers: dict[str, int] = {}
-        fs.on_change = self._changed
+        fs.watch_changes(self._changed)
 
     def _changed(self, inode: Inode, rewrite: bool) -> None:
         if rewrite and inode.key in self._rewrites:

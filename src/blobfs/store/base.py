@@ -16,22 +16,9 @@ errors into the exceptions of `blobfs.errors` before they cross this boundary.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from blobfs.types import ETag, ListPage, ObjectMeta, is_append_of
-
-
-@dataclass(frozen=True, order=True)
-class Range:
-    """A half-open byte range [off, off + size)."""
-
-    off: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.off + self.size
+from blobfs.types import ETag, ListPage, ObjectMeta, Range, is_append_of, normalize_ranges
 
 
 class PendingSource(Protocol):
@@ -264,18 +251,6 @@ async def read_all(store: ObjectStore, meta: ObjectMeta, chunk: int = 8 << 20) -
 def lineage_proves_append(old: ObjectMeta, new: ObjectMeta) -> bool:
     """The store-independent part of `ObjectStore.proves_append`."""
     return is_append_of(new, old)
-
-
-def normalize_ranges(ranges: Sequence[Range]) -> list[Range]:
-    """Sort, drop empties and merge overlapping or touching ranges."""
-    out: list[Range] = []
-    for r in sorted(r for r in ranges if r.size > 0):
-        if out and r.off <= out[-1].end:
-            last = out[-1]
-            out[-1] = Range(last.off, max(last.end, r.end) - last.off)
-        else:
-            out.append(r)
-    return out
 
 
 def base_segments(size: int, dirty: Sequence[Range], base_size: int) -> list[tuple[str, Range]]:

@@ -1,0 +1,109 @@
+"""The plain records the core hands out and keeps: attributes, directory entries, listings
+and directory streams, open handles, the version a handle reads, and the counters.
+
+No behaviour lives here beyond small derived properties; `Filesystem` builds and changes them.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+from blobfs.fs.inodes import Inode
+from blobfs.fs.reader import Window
+from blobfs.types import Fh, Ino, ObjectMeta
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: Ino
+    mode: int
+    size: int
+    mtime: float
+    uid: int
+    gid: int
+    timeout: float
+    #: 0 once the file was unlinked while open.
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    attr: Attr
+
+
+@dataclass
+class Handle:
+    fh: Fh
+    inode: Inode
+    gen: int
+    writable: bool
+    append: bool
+    #: Where the last read ended, and the read-ahead window it grew (semantics §3).
+    window: Window = field(default_factory=Window)
+
+
+@dataclass
+class Version:
+    """What a reader outside FUSE (the HTTP face) is shown of an open file."""
+
+    size: int
+    etag: str | None
+    mtime: float
+    #: Bytes written here and not committed yet are part of `size`.
+    pending: bool
+    #: Handles open for writing on this file in this process.
+    writers: int
+
+
+@dataclass
+class Listing:
+    """One directory as the store paged it, plus this mount's uncommitted creates.
+
+    Indexed by name, so a lookup costs the same in a directory of any size; never mutated
+    once built (a refresh makes a new one), so an open directory stream can keep reading
+    the one it started with.
+    """
+
+    at: float
+    #: Entry names in readdir order: a readdir offset is an index into it.
+    names: list[str]
+    #: name -> the version the listing showed; None for directories and uncommitted files.
+    metas: dict[str, ObjectMeta | None]
+    dirs: frozenset[str]
+    #: Store requests the paging took, and lookups it answered: once a stale listing has
+    #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
+    #: (and a one-key LIST) per lookup.
+    pages: int
+    #: Seconds the paging took (`Filesystem._fresh`).
+    took: float = 0.0
+    hits: int = 0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class DirStream:
+    """What `opendir` hands the adapter: the listing an open directory reads from."""
+
+    inode: Inode
+    listing: Listing
+
+
+@dataclass
+class Stats:
+    """What the core counts for `blobfs status` and metrics (`telemetry.snapshot`)."""
+
+    #: Versions this mount committed, recovered spool entries included.
+    commits: int = 0
+    commit_errors: int = 0
+    #: Remote changes observed on files this mount knows (semantics §3).
+    appends_followed: int = 0
+    replaced: int = 0
+    deleted: int = 0
