@@ -1,0 +1,510 @@
+"""The namespace half of the core: names to keys, lookups, directory listings and
+streams, create/mknod/mkdir, and unlink/rmdir/rename.
+
+`Namespace` is one part of `Filesystem` (fs/core.py), which builds the state these
+methods use (inode table, listings, per-key locks) and joins them with the read and
+commit parts; callers use `Filesystem`, never this class alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+
+import trio
+
+from blobfs.errors import (
+    FsError,
+    NotFound,
+    PreconditionFailed,
+    bad_name,
+    gone,
+    name_too_long,
+)
+from blobfs.fs.inodes import Inode, valid_name
+from blobfs.fs.records import Attr, DirEntry, DirStream, Listing
+from blobfs.fs.writer import new_stream
+from blobfs.store.base import put_bytes
+from blobfs.tasks import gather
+from blobfs.types import META_STREAM, Fh, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+#: Longest key (bytes) every store takes: S3 and Azure both stop at 1024.
+MAX_KEY = 1024
+#: An unlinked file's committed bytes are copied into the spool for its open handles
+#: (POSIX: the data stays readable) up to this size; past it they see ENOENT, as for a
+#: blob deleted by another host (semantics §3).
+KEEP_UNLINKED_MAX = 256 << 20
+
+
+class Namespace:
+    """Lookups, listings and namespace changes of one mount (a part of `Filesystem`)."""
+
+    # --- names ----------------------------------------------------------------------------
+    def _child_key(self, parent: Inode, name: str) -> str:
+        """The key of `name` in `parent`, checked against every store's rules before any
+        store call sees it."""
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not valid_name(name):
+            if len(name.encode("utf-8", "surrogateescape")) > 255:
+                raise name_too_long(f"a name of over 255 bytes in {parent.key!r}")
+            raise FsError(errno.EINVAL, f"invalid name {name!r}")
+        # Names the store would rewrite into another key (Azure: '\\' -> '/'): refused
+        # before any store call, or a write could land on another file.
+        problem = getattr(self.store, "name_problem", None)
+        why = problem(name) if problem is not None else None
+        if why:
+            raise FsError(errno.EINVAL, f"invalid name {name!r}: {why}", logging.INFO)
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise bad_name(f"name {name!r} in {parent.key!r} is not UTF-8") from None
+        # + 1: a directory's key ends in '/'.
+        if len(parent.key.encode()) + size + 1 > MAX_KEY:
+            raise name_too_long(f"a key of over {MAX_KEY} bytes under {parent.key!r}")
+        return parent.key + name
+
+    async def _find(self, parent: Inode, name: str) -> Inode:
+        """The inode for a name, asking the store if needed. Does not count a lookup."""
+        key = self._child_key(parent, name)
+        local = self.inodes.by_key(key)
+        if local is not None and local.writer is not None:
+            return local  # written here: this mount knows it better than a listing
+        listing = await self._lookup_listing(parent)
+        if listing is not None:
+            listing.hits += 1
+            if name in listing.dirs:
+                return self.inodes.ensure(key + "/", True)
+            if name in listing.metas:
+                return self.inodes.ensure(key, False, listing.metas[name])
+            raise FsError(errno.ENOENT)
+        file_meta: ObjectMeta | None = None
+        dir_found = False
+        known = self.inodes.by_key(key)
+        seen = (known.meta, known.gen) if known is not None else None
+
+        async def head() -> None:
+            nonlocal file_meta
+            with contextlib.suppress(NotFound):
+                file_meta = await self.store.head(key)
+
+        async def probe_dir() -> None:
+            nonlocal dir_found
+            page = await self.store.list(key + "/", limit=1)
+            dir_found = bool(page.objects or page.prefixes)
+
+        await gather(head, probe_dir)
+        if dir_found:
+            if file_meta is not None:
+                self.inodes.warn_once(key, "a file beside a directory of the same name; "
+                                      "the directory wins")
+            return self.inodes.ensure(key + "/", True)
+        if file_meta is None:
+            raise FsError(errno.ENOENT)
+        inode = self.inodes.ensure(key, False)
+        changed = inode.meta is None or inode.meta.etag != file_meta.etag
+        if changed and (inode is not known or (inode.meta, inode.gen) == seen):
+            inode = await self._observe(inode, file_meta)
+        inode.checked_at = trio.current_time()
+        return inode
+
+    async def lookup(self, parent_ino: int, name: str) -> Attr:
+        try:
+            inode = await self._find(self._inode(parent_ino), name)
+        except FsError as exc:
+            if exc.errno == errno.EILSEQ:
+                # No such key can exist: a plain miss (creating it says EILSEQ).
+                raise FsError(errno.ENOENT) from None
+            raise
+        inode.lookups += 1
+        return self._attr(inode)
+
+    def remember(self, ino: int) -> None:
+        """The kernel took a reference from a readdirplus entry."""
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.lookups += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        inode = self.inodes.get(ino)
+        self.inodes.forget(ino, n)
+        if inode is not None and self.inodes.get(ino) is None:
+            # The kernel is letting go of the directory's entries: an expired listing of
+            # it need not outlive them (memory follows what is in use).
+            listing = self._listings.get(inode.parent_key)
+            if listing is not None and not self._fresh(listing):
+                del self._listings[inode.parent_key]
+
+    # --- directories ----------------------------------------------------------------------
+    def _drop_listing(self, dir_key: str) -> None:
+        self._listings.pop(dir_key, None)
+        self._dir_changes[dir_key] = self._dir_changes.get(dir_key, 0) + 1
+
+    async def _lookup_listing(self, parent: Inode) -> Listing | None:
+        """The listing a lookup in `parent` should answer from, or None to ask the store
+        about the one name. A stale listing that has been paying for itself is paged again
+        (once, however many lookups wait for it): `ls -l` of a big directory then costs a
+        paging per list_ttl instead of a HEAD per entry."""
+        listing = self._listings.get(parent.key)
+        if listing is None:
+            return None
+        if self._fresh(listing):
+            return listing
+        if listing.hits < listing.pages:
+            return None
+        return await self._list(parent)
+
+    async def _list(self, inode: Inode) -> Listing:
+        """The directory's listing, paged through the store at most once per list_ttl."""
+        while True:
+            cached = self._listings.get(inode.key)
+            if cached is not None and self._fresh(cached):
+                return cached
+            busy = self._listing_busy.get(inode.key)
+            if busy is None:
+                break
+            await busy.wait()  # another task is paging it: share its result
+            listing = self._listings.get(inode.key)
+            if listing is not None:
+                return listing
+        busy = self._listing_busy[inode.key] = trio.Event()
+        # A change here while the pages come in makes this listing stale at birth: use it
+        # for this answer, do not keep it (a kept one hid new files from rm: issue 11).
+        changes = self._dir_changes.get(inode.key, 0)
+        try:
+            listing = await self._page_listing(inode)
+        finally:
+            del self._listing_busy[inode.key]
+            busy.set()
+        if self._dir_changes.get(inode.key, 0) == changes:
+            self._listings[inode.key] = listing
+            self._prune_listings()
+        return listing
+
+    def _fresh(self, listing: Listing) -> bool:
+        """Whether a listing may still answer: for list_ttl, or for 4 times as long as
+        paging it took when that is longer. A directory too big to page within list_ttl
+        would otherwise be paged without pause, and the lookups waiting on each paging
+        would crawl (`ls -l` of 100,000 entries on a loaded machine)."""
+        ttl = self.cfg.list_ttl
+        if ttl > 0:  # list_ttl=0 caches nothing, however long paging took
+            ttl = max(ttl, 4 * listing.took)
+        return trio.current_time() - listing.at < ttl
+
+    def _prune_listings(self) -> None:
+        """Forget expired listings of other directories: memory follows what is in use."""
+        if len(self._listings) <= 64:
+            return
+        for key, listing in list(self._listings.items()):
+            if not self._fresh(listing):
+                del self._listings[key]
+
+    async def _page_listing(self, inode: Inode) -> Listing:
+        prefix = inode.key
+        started = trio.current_time()
+        dirs: dict[str, None] = {}
+        files: dict[str, ObjectMeta] = {}
+        token = None
+        pages = 0
+        while True:
+            page = await self.store.list(prefix, token=token)
+            pages += 1
+            for p in page.prefixes:
+                name = p[len(prefix):-1]
+                if valid_name(name):
+                    dirs[name] = None
+                else:
+                    self.inodes.warn_once(p, "not a valid path name")
+            for meta in page.objects:
+                name = meta.key[len(prefix):]
+                if name == "":
+                    continue  # this directory's own marker
+                if valid_name(name):
+                    files[name] = meta
+                else:
+                    self.inodes.warn_once(meta.key, "not a valid path name")
+            token = page.token
+            if token is None:
+                break
+        metas: dict[str, ObjectMeta | None] = dict.fromkeys(dirs)
+        for name, meta in files.items():
+            if name in dirs:
+                self.inodes.warn_once(meta.key, "a file beside a directory of the same "
+                                      "name; the directory wins")
+                continue
+            metas[name] = meta
+        # Files created here and not committed yet are part of the directory too.
+        for other in self._uncommitted_creates(prefix):
+            metas.setdefault(other.key[len(prefix):], None)
+        now = trio.current_time()
+        return Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
+
+    def _note_create(self, inode: Inode) -> None:
+        """Index a file this mount created, by directory, until its first commit."""
+        self._creates.setdefault(inode.parent_key, {})[inode.ino] = inode
+
+    def _uncommitted_creates(self, dir_key: str) -> list[Inode]:
+        """Files created in `dir_key` by this mount and not committed yet; prunes the
+        index of those that were committed, unlinked, renamed or forgotten since."""
+        found = self._creates.get(dir_key)
+        if not found:
+            return []
+        out = []
+        for other in list(found.values()):
+            w = other.writer
+            if (w is not None and w.base is None and not w.detached
+                    and other.parent_key == dir_key and self.inodes.get(other.ino) is other):
+                out.append(other)
+            else:
+                del found[other.ino]
+        if not found:
+            del self._creates[dir_key]
+        return out
+
+    async def opendir(self, ino: int) -> DirStream:
+        """Start reading a directory: its listing, kept whole for this stream."""
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return DirStream(inode, await self._list(inode))
+
+    def dir_entry(self, stream: DirStream, index: int) -> DirEntry:
+        """Entry `index` of an open directory (its inode made on first use, not before)."""
+        listing = stream.listing
+        name = listing.names[index]
+        meta = listing.metas[name]
+        if meta is not None:
+            key = meta.key  # one string for the version and the inode
+        else:
+            key = stream.inode.key + name + ("/" if name in listing.dirs else "")
+        child = self.inodes.ensure(key, meta is None and name in listing.dirs, meta)
+        return DirEntry(name, self._attr(child))
+
+    def dir_entry_unused(self, ino: int) -> None:
+        """The adapter made an entry's inode but the kernel did not take it."""
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            self.inodes.maybe_drop(inode)
+
+    async def readdir(self, ino: int) -> list[DirEntry]:
+        stream = await self.opendir(ino)
+        return [self.dir_entry(stream, i) for i in range(len(stream.listing))]
+
+    async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        self._writable()
+        parent = self._inode(parent_ino)
+        try:
+            await self._find(parent, name)
+            raise FsError(errno.EEXIST)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        key = self._child_key(parent, name) + "/"
+        try:
+            await put_bytes(self.store, key, b"", base=None, metadata={})
+        except PreconditionFailed:
+            raise FsError(errno.EEXIST) from None
+        self._drop_listing(parent.key)
+        parent.mtime = time.time()
+        inode = self.inodes.ensure(key, True)
+        inode.mtime = time.time()
+        inode.lookups += 1
+        return self._attr(inode)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._inode(parent_ino)
+        inode = await self._find(parent, name)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        page = await self.store.list(inode.key, limit=2)
+        if [o for o in page.objects if o.key != inode.key] or page.prefixes:
+            raise FsError(errno.ENOTEMPTY)
+        for other in self.inodes:
+            if other.writer is not None and other.writer.pending and \
+                    other.key.startswith(inode.key):
+                raise FsError(errno.ENOTEMPTY)
+        await self.store.delete(inode.key)
+        parent.mtime = time.time()
+        self._drop_listing(parent.key)
+        self._drop_listing(inode.key)
+        self.inodes.unlink_key(inode.key)
+
+    # --- files: create --------------------------------------------------------------------
+    async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
+        self._writable()
+        parent = self._inode(parent_ino)
+        key = self._child_key(parent, name)
+        async with self._keys_locked(key):
+            fh, attr = await self._create_locked(parent, key, flags)
+        parent.mtime = time.time()
+        return fh, attr
+
+    async def _create_locked(self, parent: Inode, key: str, flags: int) -> tuple[Fh, Attr]:
+        try:
+            existing: ObjectMeta | None = await self.store.head(key)
+        except NotFound:
+            existing = None
+        inode = self.inodes.by_key(key)
+        if inode is not None and existing is None and inode.meta is not None:
+            # Deleted remotely since we saw it: a new file gets a new inode, and open
+            # handles of the old one keep their view.
+            await self._remove_name(inode, delete=False)
+            inode = None
+        inode = inode or self.inodes.ensure(key, False)
+        if existing is not None:
+            inode = await self._observe(inode, existing)
+        with self._busy(inode):
+            w = await self._writer(inode, key_locked=True)
+            if existing is not None:
+                if w.size:
+                    await w.truncate(0)
+                self.on_change(inode, True)
+            inode.mtime = time.time()
+            inode.lookups += 1
+            inode.checked_at = trio.current_time()
+            self._drop_listing(parent.key)
+            self._note_create(inode)
+            h = self._new_handle(inode, flags)
+        self._arm_timer(inode)
+        return h.fh, self._attr(inode)
+
+    async def mknod(self, parent_ino: int, name: str) -> Attr:
+        """mknod(2) of a regular file: created as by open(O_CREAT|O_EXCL) and close."""
+        fh, _ = await self.create_file(parent_ino, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        inode = self._handle(fh).inode
+        try:
+            await self.flush(fh)
+        finally:
+            await self.release(fh)
+        return self._attr(inode)
+
+    # --- namespace changes ----------------------------------------------------------------
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self._inode(parent_ino)
+        key = self._child_key(parent, name)
+        async with self._keys_locked(key):
+            inode = await self._find(parent, name)
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            await self._remove_name(inode, delete=True)
+        parent.mtime = time.time()
+
+    async def _remove_name(self, inode: Inode, *, delete: bool) -> None:
+        """Take `inode`'s name away (unlink, or replaced by a rename); with `delete`, in the
+        store too. Open handles keep its data (POSIX); nothing of it is committed again.
+
+        The name goes first, before any await, so nothing started later finds the inode by
+        its key. A commit in flight is waited for and none can start after it: one landing
+        after the delete would bring the name back (issue 11, bugs 4 and 5).
+        """
+        key = inode.key
+        if self.inodes.by_key(key) is inode:
+            self.inodes.unlink_key(key)
+        inode.mark_unlinked()
+        self._drop_listing(inode.parent_key)
+        with self._busy(inode):  # a release meanwhile must not drop what we copy into
+            w = inode.writer
+            if w is not None:
+                await w.orphan()
+            # Only a file never committed anywhere has no blob to delete.
+            remote = w is None or w.base is not None or inode.meta is not None
+            if inode.open_count:
+                await self._keep_for_handles(inode)
+        await self._retire_writer(inode)
+        if delete and remote:
+            await self.store.delete(key)
+        self.inodes.maybe_drop(inode)
+
+    async def _keep_for_handles(self, inode: Inode) -> None:
+        """Copy an unlinked file's committed bytes into its (orphan) writer, so its open
+        handles read them after the blob is deleted. Past KEEP_UNLINKED_MAX, or if the
+        blob changed meanwhile, its handles see ENOENT instead, as for a remote delete."""
+        w = await self._writer(inode, key_locked=True)
+        base = w.base
+        pieces = [r for kind, r in w.split_read(0, w.size) if kind == "base"]
+        if base is None or not pieces:
+            return
+        total = sum(r.size for r in pieces)
+        try:
+            if total > KEEP_UNLINKED_MAX:
+                raise NotFound(f"{total} bytes is over {KEEP_UNLINKED_MAX}")
+            for r in pieces:
+                for off in range(r.off, r.end, 8 << 20):
+                    data = await self.store.read(inode.key, base.etag, off,
+                                                 min(8 << 20, r.end - off))
+                    await w.fill(off, data)
+        except (NotFound, PreconditionFailed) as exc:
+            log.info("%s was unlinked while open; its open handles cannot keep its data "
+                     "(%s) and read ENOENT", inode.key, exc)
+            self._end_generation(inode, gone(f"{inode.key} was unlinked"))
+
+    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
+                     *, noreplace: bool = False, exchange: bool = False) -> None:
+        self._writable()
+        if exchange:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported", logging.INFO)
+        src_parent, dst_parent = self._inode(old_parent), self._inode(new_parent)
+        src_key = self._child_key(src_parent, old_name)
+        dst_key = self._child_key(dst_parent, new_name)
+        async with self._keys_locked(src_key, dst_key):
+            await self._rename_locked(src_parent, old_name, dst_parent, new_name,
+                                      noreplace=noreplace)
+        src_parent.mtime = dst_parent.mtime = time.time()
+
+    async def _rename_locked(self, src_parent: Inode, old_name: str, dst_parent: Inode,
+                             new_name: str, *, noreplace: bool) -> None:
+        src = await self._find(src_parent, old_name)
+        if src.is_dir:
+            # Not atomic on a blob store; mv falls back to copy + delete on EXDEV.
+            raise FsError(errno.EXDEV, "directories are renamed by copying", logging.INFO)
+        dst_key = self._child_key(dst_parent, new_name)
+        try:
+            dst = await self._find(dst_parent, new_name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            dst = self.inodes.by_key(dst_key)  # one the store does not know yet
+        if dst is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst is src:
+                return  # rename(2) of a name onto itself (or another link to it)
+        if dst is not None:
+            # Before the copy: a commit of the old destination must not land after it.
+            await self._remove_name(dst, delete=False)
+        with self._busy(src):
+            w = src.writer
+            if w is None:
+                await self._move(src, src.meta or await self.store.head(src.key), dst_key)
+            else:
+                # Holding the commit lock from the commit to the rekey: a timer commit in
+                # between would write the old key again after its delete.
+                async with w.commit_lock:
+                    await w.commit_held()
+                    self._committed(src, w)
+                    meta = src.meta or w.base or await self.store.head(src.key)
+                    await self._move(src, meta, dst_key)
+                    w.key = dst_key
+                    w.base = src.meta
+        await self._retire_writer(src)
+        self._drop_listing(src_parent.key)
+        self._drop_listing(dst_parent.key)
+
+    async def _move(self, src: Inode, meta: ObjectMeta, dst_key: str) -> None:
+        stream = meta.stream or new_stream()
+        new_meta = await self.store.copy(meta, dst_key, {META_STREAM: stream})
+        await self.store.delete(src.key)
+        self.inodes.rekey(src, dst_key)
+        src.meta = new_meta
+
+    async def link(self) -> None:
+        raise FsError(errno.EPERM, "hard links are not supported", logging.INFO)
