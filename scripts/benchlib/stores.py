@@ -228,7 +228,7 @@ class AzBackend(Backend):
     def __init__(self, server: Any, container: str) -> None:
         from azure.storage.blob import BlobServiceClient
 
-        from blobfs.store.azure import DEFAULT_API_VERSION
+        from blobfs.store.azure.layout import DEFAULT_API_VERSION
 
         self.server = server
         self.container = container

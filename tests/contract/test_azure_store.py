@@ -44,16 +44,14 @@ from blobfs.errors import (
     StoreUnavailable,
     UsageError,
 )
-from blobfs.store.azure import (
+from blobfs.store.azure import AzureStore, open_azure
+from blobfs.store.azure.credentials import resolve_access
+from blobfs.store.azure.errors import classify, redact
+from blobfs.store.azure.layout import (
     DEFAULT_API_VERSION,
-    AzureStore,
-    classify,
     ladder_suffix,
     max_committed_blocks,
-    open_azure,
     plan_merges,
-    redact,
-    resolve_access,
 )
 from blobfs.store.base import BytesSource, Range, put_bytes, read_all
 from blobfs.types import META_STREAM, ObjectMeta, identifier_metadata

@@ -35,14 +35,14 @@ from blobfs.errors import (
 )
 from blobfs.store import open_store
 from blobfs.store.base import BytesSource, Range, base_segments, put_bytes, read_all
-from blobfs.store.s3 import (
+from blobfs.store.s3 import S3Store
+from blobfs.store.s3.errors import classify
+from blobfs.store.s3.planner import (
     MAX_PART,
     MAX_PARTS,
     MIN_PART,
     Part,
-    S3Store,
     StagedPart,
-    classify,
     multipart_etag,
     part_number_for,
     plan_parts,

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
-from blobfs.store.azure import DEFAULT_API_VERSION, max_committed_blocks
+from blobfs.store.azure.layout import DEFAULT_API_VERSION, max_committed_blocks
 from tests.conftest import make_store_env
 from tests.support import azure_env
 from tests.support.envs import StoreEnv, free_port

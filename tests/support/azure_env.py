@@ -133,7 +133,7 @@ def container_name(unique: str) -> str:
 def create_container(server: Azurite, name: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
-    from blobfs.store.azure import DEFAULT_API_VERSION
+    from blobfs.store.azure.layout import DEFAULT_API_VERSION
 
     client = BlobServiceClient.from_connection_string(
         server.connection_string, api_version=DEFAULT_API_VERSION, retry_total=0

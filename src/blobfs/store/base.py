@@ -15,9 +15,20 @@ errors into the exceptions of `blobfs.errors` before they cross this boundary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+from blobfs.errors import (
+    AccessDenied,
+    BadRequest,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+    TransientError,
+)
 from blobfs.types import ETag, ListPage, ObjectMeta, Range, is_append_of, normalize_ranges
 
 
@@ -251,6 +262,61 @@ async def read_all(store: ObjectStore, meta: ObjectMeta, chunk: int = 8 << 20) -
 def lineage_proves_append(old: ObjectMeta, new: ObjectMeta) -> bool:
     """The store-independent part of `ObjectStore.proves_append`."""
     return is_append_of(new, old)
+
+
+@contextlib.contextmanager
+def check_errors(*, missing: str, denied: Callable[[AccessDenied], str], where: str,
+                 detail: Callable[[StoreError], str] = str) -> Iterator[None]:
+    """The error translation of a store's mount-time `check()`: each failure becomes the
+    one-line error the mount prints, naming the bucket or container and the endpoint.
+
+    Raises:
+        NotFound: with `missing`, when the bucket or container does not exist.
+        AccessDenied: with `denied(exc)`.
+        StoreUnavailable: "cannot connect to WHERE: DETAIL" for an unreachable endpoint
+            (also after throttling or transient errors outlasted the check's retries).
+    """
+    try:
+        yield
+    except NotFound:
+        raise NotFound(missing) from None
+    except AccessDenied as exc:
+        raise AccessDenied(denied(exc)) from None
+    except (StoreUnavailable, TransientError, Throttled) as exc:
+        raise StoreUnavailable(f"cannot connect to {where}: {detail(exc)}") from None
+
+
+async def assemble(store: ObjectStore, key: str, base: ObjectMeta | None,
+                   source: PendingSource, segments: Sequence[tuple[str, Range]],
+                   off: int = 0, end: int | None = None) -> bytes:
+    """The new version's bytes [off, end) (all of `segments` when `end` is None): the
+    pending bytes from `source` for "dirty" segments, `base`'s bytes from `store` for
+    "base" ones, zeros for the rest (`base_segments` names them).
+
+    Every adapter that sends new bytes itself (S3 parts, Azure blocks) builds them here.
+
+    Raises:
+        BadRequest: `source` gave fewer bytes than asked (it broke its contract).
+        PreconditionFailed: the base is shorter than its segments: it was replaced.
+    """
+    parts: list[bytes] = []
+    for kind, r in segments:
+        lo, hi = max(off, r.off), r.end if end is None else min(end, r.end)
+        if lo >= hi:
+            continue
+        if kind == "dirty":
+            data = await source.read_pending(lo, hi - lo)
+            if len(data) != hi - lo:
+                raise BadRequest(f"{key}: source gave {len(data)} of {hi - lo} bytes")
+        elif kind == "base":
+            assert base is not None
+            data = await store.read(key, base.etag, lo, hi - lo)
+            if len(data) != hi - lo:
+                raise PreconditionFailed(f"{key}: base {base.etag} is shorter than {hi}")
+        else:
+            data = bytes(hi - lo)
+        parts.append(data)
+    return b"".join(parts)
 
 
 def base_segments(size: int, dirty: Sequence[Range], base_size: int) -> list[tuple[str, Range]]:
