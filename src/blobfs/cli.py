@@ -28,8 +28,10 @@ import trio
 
 from blobfs import __version__
 from blobfs import log as blog
+from blobfs.args import parser
 from blobfs.config import MountConfig, options_help, parse_options
 from blobfs.errors import UsageError
+from blobfs.runtime import control_socket, pid_alive, state_file
 from blobfs.store import split_source
 from blobfs.systemd import Notifier, import_credentials
 
@@ -49,7 +51,7 @@ SOURCE is s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR.
 
 
 def _mount_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="blobfs mount",
         usage="blobfs mount SOURCE MOUNTPOINT [-o OPT[=VALUE],...] [-f] [--debug]",
         description="Mount a blob container. Options (-o name=value, comma separated):\n"
@@ -66,14 +68,8 @@ def _mount_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see blobfs mount --help)")
-
-
 def parse_mount_args(argv: list[str]) -> MountConfig:
     p = _mount_parser()
-    p.__class__ = _Parser
     args = p.parse_args(argv)
     split_source(args.source)  # validates the scheme
     values = parse_options(args.options)
@@ -219,19 +215,18 @@ def cmd_unmount(argv: list[str]) -> int:
     """
     from blobfs import mount
 
-    p = argparse.ArgumentParser(prog="blobfs unmount",
+    p = parser(prog="blobfs unmount",
                                 description="Commit pending data, then unmount.")
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for the final commit (default 600)")
-    p.__class__ = _Parser
     args = p.parse_args(argv)
     mnt = Path(os.path.abspath(args.mountpoint))
     if not mount.is_mountpoint(mnt):
         raise UsageError(f"{mnt} is not mounted")
     state: dict[str, object] = {}
     with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(mount.state_file(mnt).read_text())
+        loaded = json.loads(state_file(mnt).read_text())
         if isinstance(loaded, dict):
             state = loaded
     spool = state.get("spool") if isinstance(state.get("spool"), str) else None
@@ -253,7 +248,7 @@ def cmd_unmount(argv: list[str]) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise UsageError(f"blobfs (pid {pid}) is still committing after {args.timeout:g}s",
                              EXIT_ERROR)
@@ -278,13 +273,12 @@ def cmd_umount_helper(argv: list[str]) -> int:
     TimeoutSec=."""
     from blobfs import mount
 
-    p = argparse.ArgumentParser(prog="umount.fuse.blobfs")
+    p = parser(prog="umount.fuse.blobfs")
     p.add_argument("mountpoint")
     for flag in ("-f", "-l", "-n", "-r", "-v", "-d"):
         p.add_argument(flag, action="store_true")
     p.add_argument("-N", dest="namespace")
     p.add_argument("-t", dest="type")
-    p.__class__ = _Parser
     args = p.parse_args(argv)
     mnt = Path(args.mountpoint)
     # Installed as umount.fuse too, this runs for every FUSE mount: others just unmount.
@@ -304,12 +298,11 @@ def _daemon_of(mnt: Path) -> int | None:
     """The pid of the blobfs daemon serving `mnt`: from its state file, else (a runtime
     directory this process does not see) the blobfs process whose command line names
     `mnt`. Checked against the command line: a stale record's pid may have been reused."""
-    from blobfs import mount
 
     target = os.path.abspath(mnt)
     candidates = []
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        candidates.append(int(json.loads(mount.state_file(mnt).read_text())["pid"]))
+        candidates.append(int(json.loads(state_file(mnt).read_text())["pid"]))
     candidates += sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     for pid in candidates:
         if pid == os.getpid():
@@ -322,7 +315,7 @@ def _daemon_of(mnt: Path) -> int | None:
         if not any(a.endswith("blobfs") for a in args[:3]) \
                 or any(a in ("umount-helper", "unmount", "umount", "status") for a in args):
             continue
-        if any(a and os.path.abspath(a) == target for a in args) and _alive(pid):
+        if any(a and os.path.abspath(a) == target for a in args) and pid_alive(pid):
             return pid
     return None
 
@@ -332,14 +325,14 @@ def _wait_exit(pid: int) -> None:
     try:
         fd = os.pidfd_open(pid)
     except OSError:
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(0.05)
         return
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         # A zombie is readable too: it has exited; its parent reaps it.
-        while not poller.poll(1000) and _alive(pid):
+        while not poller.poll(1000) and pid_alive(pid):
             pass
     finally:
         os.close(fd)
@@ -348,11 +341,10 @@ def _wait_exit(pid: int) -> None:
 def _serving_pid(mnt: Path) -> int | None:
     """The pid of the blobfs daemon serving `mnt`, as its control socket says and /proc
     confirms; None when no live blobfs daemon answers for it."""
-    from blobfs import mount
     from blobfs.telemetry import read_control
 
     try:
-        snap = read_control(mount.control_socket(mnt), timeout=5.0)
+        snap = read_control(control_socket(mnt), timeout=5.0)
     except (OSError, ValueError):
         return None
     pid = snap.get("pid")
@@ -383,19 +375,6 @@ def _left_in_spool(spool: str | None) -> list[str]:
         except (OSError, ValueError):
             left.append(f"{journal} (damaged)")
     return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

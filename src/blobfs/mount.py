@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from blobfs.fs.spool import JournalCorrupt, Spool, ensure_private_dir, read_jour
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
 from blobfs.preflight import check_store
+from blobfs.runtime import control_socket, prepare_runtime_dir, runtime_dir, state_file
 from blobfs.systemd import Notifier
 from blobfs.telemetry import (
     Meter,
@@ -53,49 +53,6 @@ log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 EXIT_FUSE = 4
-
-
-def runtime_dir() -> Path:
-    """Where running mounts are recorded: /run/blobfs for root, else under
-    $XDG_RUNTIME_DIR. `BLOBFS_RUNTIME_DIR` overrides both (tests, containers). Without
-    either, /tmp/blobfs-UID: a name others can guess, so `prepare_runtime_dir` checks it."""
-    override = os.environ.get("BLOBFS_RUNTIME_DIR")
-    if override:
-        return Path(override)
-    if os.geteuid() == 0:
-        return Path("/run/blobfs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "blobfs"
-    return Path(f"/tmp/blobfs-{os.geteuid()}")
-
-
-def prepare_runtime_dir() -> bool:
-    """Create the runtime directory (0700) or check the one there: ours, and writable by
-    no one else. False, with a warning, when it is not safe to use (blocking)."""
-    path = runtime_dir()
-    try:
-        ensure_private_dir(path, "runtime directory",
-                           hint="set XDG_RUNTIME_DIR or BLOBFS_RUNTIME_DIR to a private one")
-    except UsageError as exc:
-        log.warning("%s; blobfs status and unmount will not find this mount", exc)
-        return False
-    return True
-
-
-def _mount_id(mountpoint: Path) -> str:
-    # abspath, not resolve(): stat-ing our own mountpoint from the trio thread deadlocks.
-    return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-
-
-def state_file(mountpoint: Path) -> Path:
-    """The JSON record of the mount at `mountpoint` (pid, source, control socket)."""
-    return runtime_dir() / f"{_mount_id(mountpoint)}.json"
-
-
-def control_socket(mountpoint: Path) -> Path:
-    """The UNIX socket the mount at `mountpoint` answers status requests on."""
-    return runtime_dir() / f"{_mount_id(mountpoint)}.sock"
 
 
 def is_mountpoint(path: Path) -> bool:

@@ -7,7 +7,6 @@ unless `--list` is given commits them exactly as a mount's startup recovery woul
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from blobfs.args import parser
 from blobfs.config import MountConfig, StoreConfig, parse_options
 from blobfs.errors import StoreError, UsageError
 from blobfs.fs.recovery import recover_spool, replay
@@ -80,22 +80,14 @@ async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> 
     return failures
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors become a UsageError: one line, through the CLI's redactor."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see blobfs recover --help)")
-
-
 def cmd_recover(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="blobfs recover", description=__doc__)
+    p = parser(prog="blobfs recover", description=__doc__)
     p.add_argument("--cache-dir", type=Path,
                    help="the mount's cache_dir (default: the same default as mount)")
     p.add_argument("--list", action="store_true", help="only show what is pending")
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="store options such as endpoint=URL or account=NAME")
-    p.__class__ = _Parser
     args = p.parse_args(argv)
     values = parse_options(args.options)
     cache_dir = args.cache_dir or MountConfig.build("file:///", "/", {}).cache_dir

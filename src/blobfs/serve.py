@@ -16,6 +16,7 @@ import signal
 import trio
 
 from blobfs import http, systemd
+from blobfs.args import parser
 from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig, options_help, parse_options
 from blobfs.errors import UsageError
@@ -33,15 +34,10 @@ log = logging.getLogger(__name__)
 USAGE = "blobfs serve SOURCE --listen HOST:PORT [-o OPT[=VALUE],...] [--debug]"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see blobfs serve --help)")
-
-
 def parse_serve_args(argv: list[str]) -> tuple[MountConfig, str]:
     """(configuration, listen address). Raises UsageError on bad input, before anything
     starts: a non-loopback address without a read token is refused here."""
-    p = _Parser(
+    p = parser(
         prog="blobfs serve", usage=USAGE,
         description="Serve a blob container over HTTP, without FUSE: range GETs, live "
         "following (?follow=1), streaming PUT, a live viewer (/view/KEY). Options (-o "

@@ -19,8 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from blobfs.args import parser
 from blobfs.errors import UsageError
 from blobfs.log import redact
+from blobfs.runtime import pid_alive, runtime_dir, state_file
 from blobfs.telemetry import human_bytes, read_control, scrub
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -28,7 +30,7 @@ BAR_WIDTH = 30
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="blobfs status",
         description="Show open files, pending bytes, upload lag, commits and errors of "
         "running blobfs mounts (all of them without MOUNTPOINT).",
@@ -45,26 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see blobfs status --help)")
-
-
 # --- finding mounts -------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's daemon: alive, though we may not reach its socket
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _read_state(path: Path) -> dict[str, Any] | None:
     try:
         state = json.loads(path.read_text())
@@ -72,12 +55,11 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
         return None
-    return state if _alive(state["pid"]) else None
+    return state if pid_alive(state["pid"]) else None
 
 
 def running_mounts() -> list[dict[str, Any]]:
     """State records of every mount whose daemon is alive, sorted by mountpoint."""
-    from blobfs.mount import runtime_dir
 
     found = []
     for path in sorted(runtime_dir().glob("*.json")):
@@ -109,7 +91,6 @@ def collect(mountpoint: str | None) -> list[dict[str, Any]]:
     Raises:
         UsageError: `mountpoint` is not a running blobfs mount.
     """
-    from blobfs.mount import state_file
 
     if mountpoint is None:
         snaps = (query(state) for state in running_mounts())
@@ -236,7 +217,6 @@ def cmd_status(argv: list[str], out: TextIO | None = None) -> int:
     """Run `blobfs status`; returns the exit code (1 when a mount does not answer)."""
     out = out or sys.stdout
     p = _parser()
-    p.__class__ = _Parser
     args = p.parse_args(argv)
     if args.interval <= 0:
         raise UsageError("--interval must be greater than 0")
