@@ -303,14 +303,7 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
         finally:
             fs.begin_shutdown()
             notifier.stopping(telemetry.summary())
-            with trio.move_on_after(cfg.shutdown_timeout) as scope:
-                scope.shield = True
-                failed = await fs.flush_all()
-            if scope.cancelled_caught:
-                log.error("shutdown_timeout (%gs) passed with data still pending; it stays "
-                          "in the spool at %s", cfg.shutdown_timeout, spool.root)
-                # Reported like a failed commit: exit 1, never "unmounted cleanly".
-                failed = [i.key for i in fs.inodes if i.writer is not None and i.writer.pending]
+            failed = await fs.final_flush(cfg.shutdown_timeout)
             pyfuse3.close(unmount=True)
             _remove_state(cfg)
             if target is not None and target.path is not None:

@@ -91,13 +91,7 @@ async def serve(cfg: MountConfig, listen: str, *, notifier: Notifier | None = No
                     break
             fs.begin_shutdown()
             notifier.stopping("committing pending data")
-            with trio.move_on_after(cfg.shutdown_timeout) as scope:
-                scope.shield = True
-                failed = await fs.flush_all()
-            if scope.cancelled_caught:
-                log.error("shutdown_timeout (%gs) passed with data still pending; it stays "
-                          "in the spool at %s", cfg.shutdown_timeout, spool.root)
-                failed = ["(pending at the deadline)"]
+            failed = await fs.final_flush(cfg.shutdown_timeout)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         usage = [e for e in group.exceptions if isinstance(e, UsageError)]

@@ -266,6 +266,19 @@ class Commits:
                 await w.discard()
         return failed
 
+    async def final_flush(self, timeout: float) -> list[str]:
+        """Shutdown: commit everything pending within `timeout` seconds, shielded from the
+        caller's cancellation; return the keys left in the spool (semantics §4)."""
+        failed: list[str] = []
+        with trio.move_on_after(timeout) as scope:
+            scope.shield = True
+            failed = await self.flush_all()
+        if scope.cancelled_caught:
+            log.error("shutdown_timeout (%gs) passed with data still pending; it stays "
+                      "in the spool at %s", timeout, self.spool.root)
+            failed = [i.key for i in self.inodes if i.writer is not None and i.writer.pending]
+        return failed
+
     # --- status ---------------------------------------------------------------------------
     def failing(self) -> list[tuple[str, int, str]]:
         """(key, failed attempts, last error) of each file whose last commit failed."""
