@@ -96,6 +96,15 @@ def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
+def _read_errno(fd: int, off: int) -> int:
+    """The errno of a 4 KiB pread at `off`, 0 when it succeeds."""
+    try:
+        os.pread(fd, 4096, off)
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
 def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: Path) -> None:
     old = os.urandom(4 * MiB)
     new = os.urandom(4 * MiB)
@@ -110,7 +119,8 @@ def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: P
             assert got == old[:MiB]
             with open(a.path / "f.bin", "wb") as f:  # O_TRUNC rewrite
                 f.write(new)
-            time.sleep(1.2)  # past metadata_ttl
+            # Noticed within metadata_ttl of a read; polled with pread so the offset stays.
+            wait_for(lambda: _read_errno(fd, 3 * MiB) == errno.ESTALE, 10, "ESTALE")
             os.lseek(fd, 3 * MiB, os.SEEK_SET)
             with pytest.raises(OSError) as exc:
                 os.read(fd, 4096)
@@ -127,7 +137,7 @@ def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: P
         try:
             assert os.read(fd, 10) == new[:10]
             (a.path / "f.bin").unlink()
-            time.sleep(1.2)
+            wait_for(lambda: _read_errno(fd, 2 * MiB) == errno.ENOENT, 10, "ENOENT")
             os.lseek(fd, 2 * MiB, os.SEEK_SET)
             with pytest.raises(OSError) as exc:
                 os.read(fd, 4096)
