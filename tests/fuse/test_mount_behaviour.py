@@ -95,7 +95,6 @@ def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
     assert lines == [f"entry {i:02d}" for i in range(50)]
 
 
-@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def _read_errno(fd: int, off: int) -> int:
     """The errno of a 4 KiB pread at `off`, 0 when it succeeds."""
     try:
@@ -105,6 +104,7 @@ def _read_errno(fd: int, off: int) -> int:
     return 0
 
 
+@pytest.mark.parametrize("store_env", WITH_RGW, indirect=True)
 def test_replaced_blob_gives_estale_then_enoent(store_env: StoreEnv, tmp_path: Path) -> None:
     old = os.urandom(4 * MiB)
     new = os.urandom(4 * MiB)
