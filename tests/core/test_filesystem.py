@@ -328,3 +328,27 @@ class _Src:
 
     async def read_pending(self, off: int, size: int) -> bytes:
         return self.data[off - self.off : off - self.off + size]
+
+
+async def test_open_racing_an_unlink_gets_the_unlinked_file_for_writing(
+        store: MemoryStore, tmp_path: Path) -> None:
+    """The kernel looked the name up, then an unlink ran, then its open arrives: a writer
+    gets the unlinked file as on a local disk (never ESTALE, which the kernel retries only
+    once: a second unlink in that window failed `open(O_CREAT)`); nothing is committed."""
+    async with running_fs(store, tmp_path) as fs:
+        await write_file(fs, "f", b"old")
+        attr = await fs.lookup(1, "f")
+        await fs.unlink(1, "f")
+        for flags in (os.O_WRONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_TRUNC):
+            fh, _ = await fs.open(attr.ino, flags)
+            await fs.write(fh, 0, b"lost")
+            await fs.flush(fh)
+            await fs.release(fh)
+        with pytest.raises(FsError) as exc:
+            await fs.open(attr.ino, os.O_RDONLY)
+        assert exc.value.errno == errno.ESTALE  # the kernel looks the name up again
+        assert (await store.list("")).objects == []
+        await write_file(fs, "f", b"new")  # the name is free and works as before
+        assert await read_file(fs, "f") == b"new"
+    assert not list((tmp_path / "cache").rglob("*.journal"))
+

@@ -92,13 +92,8 @@ def test_one_mount_under_namespace_stress(kind: str, server_for: object, tmp_pat
             assert p.returncode == 0, err.decode()
             totals.update(json.loads(out))
         ops = sum(totals.values())
-        # Known gap (next session): an open racing rm/create on the same name can get ESTALE
-        # twice in a row, and the kernel retries its look-up only once. Rare; counted, bounded.
-        open_estale = {f"{op} ESTALE" for op in ("create", "append", "trunc_write")}
-        estale = sum(v for k, v in totals.items() if k in open_estale)
-        assert estale <= max(2, sum(totals.values()) // 500), f"ESTALE on opens: {totals}"
-        failures = {k: v for k, v in totals.items()
-                    if not k.endswith((" ok", " ENOENT")) and k not in open_estale}
+        # An open racing an unlink gets the unlinked file, never ESTALE (semantics §2).
+        failures = {k: v for k, v in totals.items() if not k.endswith((" ok", " ENOENT"))}
         print(f"\nstress on {kind}: {ops} ops by {PROCESSES} processes in {SECONDS:g}s on "
               f"{NAMES} names: {dict(sorted(totals.items()))}")
         assert not failures, f"errors other than ENOENT: {failures}"

@@ -339,12 +339,12 @@ class Filesystem(Namespace, Commits):
         inode = self._inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
-        if inode.retired:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if inode.retired and not (inode.unlinked and writable):
             # The kernel still had the name pointing here: ESTALE makes it look the name
             # up again (LOOKUP_REVAL) and open the new inode, never this frozen version.
             raise FsError(errno.ESTALE, f"{inode.key}: a newer version has a new inode",
                           logging.DEBUG)
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self._writable()
         with self._busy(inode):
@@ -353,10 +353,12 @@ class Filesystem(Namespace, Commits):
     async def _open_busy(self, inode: Inode, flags: int) -> tuple[Fh, bool]:
         await self._refresh(inode)
         if inode.unlinked:
-            # Unlinked after the kernel looked it up. Its data lives on only in an open
-            # handle's writer; with O_TRUNC none is needed (a racing `echo x > f; rm f`).
-            if inode.writer is None and not flags & os.O_TRUNC:
-                raise FsError(errno.ENOENT, f"{inode.key} was unlinked")
+            # A writer's open that lost a race with an unlink of this name between the
+            # kernel's look-up and its open: it gets the unlinked file, as on a local disk
+            # where the open came first (its writes are never committed). Answering ESTALE
+            # instead makes the kernel look up once more, and a second unlink in that window
+            # would fail an open(O_CREAT) that no local disk fails.
+            await self._writer(inode)
         elif (inode.meta is None or inode.deleted) and inode.writer is None:
             raise FsError(errno.ENOENT, f"{inode.key} no longer exists")
         if flags & os.O_TRUNC:
