@@ -40,6 +40,21 @@ def test_unknown_scheme(dirs: tuple[Path, Path]) -> None:
     assert res.returncode == 2
 
 
+def test_credentials_in_the_url_are_refused_and_never_shown(dirs: tuple[Path, Path]) -> None:
+    for cmd in ("mount", "serve"):
+        for url in ("s3://AKIAEXAMPLE:topsecret99@bucket/logs", "az://user:topsecret99@c/p"):
+            args = ((cmd, url, str(dirs[1]), "-f") if cmd == "mount"
+                    else (cmd, url, "--listen", "127.0.0.1:0"))
+            res = run(*args)
+            one_line_error(res, "holds credentials", "<redacted>@")
+            assert res.returncode == 2
+            assert "topsecret99" not in res.stderr + res.stdout
+            assert not os.path.ismount(dirs[1])
+    res = run("mount", "ftp://user:topsecret99@x", str(dirs[1]), "-f")
+    one_line_error(res, "unknown source")
+    assert "topsecret99" not in res.stderr
+
+
 def test_unknown_option(dirs: tuple[Path, Path]) -> None:
     res = run("mount", f"file://{dirs[0]}", str(dirs[1]), "-f", "-o", "colour=blue")
     one_line_error(res, "unknown option 'colour'", "--help")

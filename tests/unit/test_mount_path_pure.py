@@ -40,6 +40,7 @@ def test_fsname_is_the_store_url_escaped_for_libfuse() -> None:
     assert fsname("s3://bucket/logs") == "s3://bucket/logs"
     assert fsname("file:///data/a,b") == "file:///data/a\\,b"
     assert "secretsig" not in fsname("az://c/p?sv=2022&sig=secretsig")
+    assert fsname("s3://AKIAX:secretkey@bucket/p") == "s3://<redacted>@bucket/p"
 
 
 def test_help_into_a_closed_pipe_is_quiet() -> None:

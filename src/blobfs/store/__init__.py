@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from blobfs.config import StoreConfig
 from blobfs.errors import UsageError
+from blobfs.log import redact
 from blobfs.store.base import ObjectStore
 
 #: scheme -> (module, factory function). Each factory takes (url, StoreConfig).
@@ -26,11 +27,16 @@ def split_source(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise UsageError(f"unknown source '{url}': use one of {known}")
+        raise UsageError(f"unknown source '{redact(url)}': use one of {known}")
+    if "@" in parts.netloc:
+        # A key in the URL would show in /proc/mounts, ps, the journal and fstab: refused,
+        # and the message shows the URL without it.
+        raise UsageError(f"source '{redact(url)}' holds credentials before '@': give them "
+                         "in the environment or as systemd credentials, not in the URL")
     if parts.scheme == "file":
         return "file", "", parts.path
     if not parts.netloc:
-        raise UsageError(f"source '{url}' names no bucket or container: {parts.scheme}://NAME[/PREFIX]")
+        raise UsageError(f"source '{redact(url)}' names no bucket or container: {parts.scheme}://NAME[/PREFIX]")
     prefix = parts.path.strip("/")
     return parts.scheme, parts.netloc, prefix + "/" if prefix else ""
 
