@@ -229,7 +229,8 @@ def cmd_unmount(argv: list[str]) -> int:
         loaded = json.loads(state_file(mnt).read_text())
         if isinstance(loaded, dict):
             state = loaded
-    spool = state.get("spool") if isinstance(state.get("spool"), str) else None
+    raw_spool = state.get("spool")
+    spool = raw_spool if isinstance(raw_spool, str) else None
     pid = _serving_pid(mnt)
     if pid is None:
         if mount._probe(mnt) == "dead":

@@ -12,8 +12,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -22,6 +22,8 @@ from blobfs.fs.core import Attr, DirStream, Filesystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 
 def _name(raw: bytes) -> str:
@@ -47,14 +49,16 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def _translate(op: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
+                                    Callable[Concatenate[S, P], Coroutine[Any, Any, T]]]:
     """Wrap a handler so every failure becomes a FUSEError, logged once with its cause."""
 
-    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    def wrap(fn: Callable[Concatenate[S, P], Awaitable[T]],
+             ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
         @functools.wraps(fn)
-        async def handler(self: FuseOps, *args: Any) -> T:
+        async def handler(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
             try:
-                return await fn(self, *args)
+                return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
             except Exception as exc:
@@ -158,21 +162,26 @@ class FuseOps(pyfuse3.Operations):
         self._next_dir_fh = 1 << 40
 
     @_translate("lookup")
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return _entry(await self.fs.lookup(parent_inode, _name(name)))
 
     @_translate("getattr")
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return _entry(await self.fs.getattr(inode))
 
     @_translate("setattr")
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
-                      ctx: Any) -> Any:
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         size = attr.st_size if fields.update_size else None
         mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
         return _entry(await self.fs.setattr(inode, size=size, mtime=mtime, fh=fh))
 
-    def forget(self, inode_list: Any) -> None:
+    # Synchronous on purpose: pyfuse3 also takes a plain function here, and forgetting
+    # never waits, so nothing else runs half-way through it.
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
@@ -180,14 +189,14 @@ class FuseOps(pyfuse3.Operations):
                 log.exception("forget(%d, %d) failed", ino, n)
 
     @_translate("opendir")
-    async def opendir(self, inode: int, ctx: Any) -> Any:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dirs[fh] = await self.fs.opendir(inode)
         return fh
 
     @_translate("readdir")
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Entries are made as the kernel asks for them: each call costs what it returns,
         # not the size of the directory.
         stream = self._dirs.get(fh)
@@ -201,27 +210,32 @@ class FuseOps(pyfuse3.Operations):
                 break
             self.fs.remember(entry.attr.ino)
     @_translate("mkdir")
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return _entry(await self.fs.mkdir(parent_inode, _name(name)))
 
     @_translate("rmdir")
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.rmdir(parent_inode, _name(name))
 
     @_translate("create")
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> Any:
+                     ctx: pyfuse3.RequestContext,
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, attr = await self.fs.create_file(parent_inode, _name(name), flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False,
                                 direct_io=_appends(flags)), _entry(attr)
 
     @_translate("open")
-    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh, keep = await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=_appends(flags))
 
     @_translate("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any contiguous buffer (PyObject_GetBuffer), though its stub says
+    # bytes: a memoryview of a cached block goes to the kernel without a copy.
+    async def read(self, fh: int, off: int,  # type: ignore[override]
+                   size: int) -> bytes | memoryview:
         return await self.fs.read(fh, off, size)
 
     @_translate("write")
@@ -241,12 +255,12 @@ class FuseOps(pyfuse3.Operations):
         await self.fs.release(fh)
 
     @_translate("unlink")
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.unlink(parent_inode, _name(name))
 
     @_translate("rename")
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any) -> None:
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.rename(
             parent_inode_old, _name(name_old), parent_inode_new, _name(name_new),
             noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
@@ -254,22 +268,24 @@ class FuseOps(pyfuse3.Operations):
         )
 
     @_translate("link")
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self.fs.link()
 
     @_translate("mknod")
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> Any:
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs, sockets: no blob for them
         return _entry(await self.fs.mknod(parent_inode, _name(name)))
 
     @_translate("symlink")
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @_translate("statfs")
-    async def statfs(self, ctx: Any) -> Any:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 1 << 20
         st.f_blocks = st.f_bfree = st.f_bavail = 1 << 30
@@ -278,7 +294,7 @@ class FuseOps(pyfuse3.Operations):
         return st
 
     @_translate("getxattr")
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         try:
             return await self.fs.getxattr(inode, _name(name))
         except Exception as exc:
@@ -287,13 +303,14 @@ class FuseOps(pyfuse3.Operations):
             raise
 
     @_translate("listxattr")
-    async def listxattr(self, inode: int, ctx: Any) -> Any:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [os.fsencode(n) for n in self.fs.listxattr(inode)]
 
     @_translate("setxattr")
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     @_translate("removexattr")
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)

@@ -19,6 +19,7 @@ from blobfs.errors import (
     too_big,
 )
 from blobfs.fs.inodes import Inode
+from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr
 from blobfs.fs.spool import SpoolEntry
 from blobfs.fs.writer import FileWriter, base_record
@@ -33,7 +34,7 @@ RETRY_PAUSE_MAX = 300.0
 MAX_FILE_SIZE = 5 << 40
 
 
-class Commits:
+class Commits(CoreParts):
     """Writers, writes and commits of one mount (a part of `Filesystem`)."""
 
     # --- writers --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 import trio
@@ -158,7 +158,7 @@ class Filesystem(Namespace, Commits):
         return self._attr(inode)
 
     @contextlib.contextmanager
-    def _busy(self, inode: Inode):  # type: ignore[no-untyped-def]
+    def _busy(self, inode: Inode) -> Iterator[None]:
         """Keep `inode`'s writer while a request uses it before (or without) a handle."""
         busy = self.inodes.busy
         busy[inode.ino] = busy.get(inode.ino, 0) + 1
@@ -170,7 +170,7 @@ class Filesystem(Namespace, Commits):
                 del busy[inode.ino]
 
     @contextlib.asynccontextmanager
-    async def _keys_locked(self, *keys: str):  # type: ignore[no-untyped-def]
+    async def _keys_locked(self, *keys: str) -> AsyncIterator[None]:
         """Hold the namespace locks of `keys` (sorted: two renames cannot deadlock)."""
         held: list[str] = []
         try:
@@ -409,7 +409,7 @@ class Filesystem(Namespace, Commits):
         return Version(inode.size, meta.etag if meta else None, mtime, pending, writers)
 
     # --- reads ----------------------------------------------------------------------
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         """Bytes [off, off+size) of the handle's view, as many as the file has there.
 
         The reply is never short of a size this mount may have reported meanwhile: the
@@ -502,7 +502,8 @@ class Filesystem(Namespace, Commits):
                 parts.append(await self._read_version(h, base, r.off, r.size))
         return b"".join(parts)
 
-    async def _read_version(self, h: Handle, meta: ObjectMeta, off: int, size: int) -> bytes:
+    async def _read_version(self, h: Handle, meta: ObjectMeta, off: int,
+                            size: int) -> bytes | memoryview:
         return await self.reader.read(h.window, meta, off, size)
 
     # --- xattrs ---------------------------------------------------------------------

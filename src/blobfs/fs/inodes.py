@@ -7,6 +7,7 @@ key is ''. Runs on the trio thread only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blobfs.errors import FsError
@@ -104,7 +105,7 @@ class InodeTable:
         #: on the inode: it is empty nearly always, and inodes are many.
         self.busy: dict[Ino, int] = {}
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Inode]:
         return iter(list(self._by_ino.values()))
 
     def get(self, ino: int) -> Inode | None:

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import time
+from typing import NoReturn
 
 import trio
 
@@ -25,6 +26,7 @@ from blobfs.errors import (
     name_too_long,
 )
 from blobfs.fs.inodes import Inode, valid_name
+from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr, DirEntry, DirStream, Listing
 from blobfs.fs.writer import new_stream
 from blobfs.store.base import put_bytes
@@ -41,7 +43,7 @@ MAX_KEY = 1024
 KEEP_UNLINKED_MAX = 256 << 20
 
 
-class Namespace:
+class Namespace(CoreParts):
     """Lookups, listings and namespace changes of one mount (a part of `Filesystem`)."""
 
     # --- names ----------------------------------------------------------------------------
@@ -465,6 +467,7 @@ class Namespace:
             # Not atomic on a blob store; mv falls back to copy + delete on EXDEV.
             raise FsError(errno.EXDEV, "directories are renamed by copying", logging.INFO)
         dst_key = self._child_key(dst_parent, new_name)
+        dst: Inode | None
         try:
             dst = await self._find(dst_parent, new_name)
         except FsError as exc:
@@ -506,5 +509,5 @@ class Namespace:
         self.inodes.rekey(src, dst_key)
         src.meta = new_meta
 
-    async def link(self) -> None:
+    async def link(self) -> NoReturn:
         raise FsError(errno.EPERM, "hard links are not supported", logging.INFO)

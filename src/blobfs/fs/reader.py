@@ -54,7 +54,8 @@ class Reader:
         #: cache yet: a read arriving in between must not fetch them again.
         self._scheduled: dict[tuple[str, str, int], trio.Event] = {}
 
-    async def read(self, window: Window, meta: ObjectMeta, off: int, size: int) -> bytes:
+    async def read(self, window: Window, meta: ObjectMeta, off: int,
+                   size: int) -> bytes | memoryview:
         """Bytes [off, off+size) of version `meta`, through the block cache.
 
         Raises:

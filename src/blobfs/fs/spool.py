@@ -43,7 +43,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,7 +321,7 @@ class SpoolEntry:
     async def rewrite(self, base: dict[str, Any] | None, size: int,
                       moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]],
                       commit: tuple[str, int] | None = None,
-                      after: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+                      after: Sequence[tuple[int, int]] = ()) -> None:
         """Atomically replace this entry with a compacted one.
 
         The new data file gets `(src_off, dst_off, length)` copies of the old data; the new
@@ -402,11 +402,11 @@ def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
         try:
             fn = ctypes.CDLL(None, use_errno=True).fallocate
         except (OSError, AttributeError):
-            fn = False
+            _libc_fallocate = False
         else:
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
             fn.restype = ctypes.c_int
-        _libc_fallocate = fn
+            _libc_fallocate = fn
     if not _libc_fallocate:
         raise OSError(errno.EOPNOTSUPP, "no fallocate(2)")
     if _libc_fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, size) != 0:

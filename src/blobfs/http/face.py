@@ -26,7 +26,8 @@ import trio
 
 from blobfs.errors import FsError, StoreError
 from blobfs.fs.cache import CACHE_BLOCK
-from blobfs.fs.core import Filesystem, Version
+from blobfs.fs.core import Filesystem
+from blobfs.fs.records import Version
 from blobfs.http import pages
 from blobfs.http.files import Aborted, Dropped, Hub, looked_up, opened, split_key
 from blobfs.http.settings import HttpSettings

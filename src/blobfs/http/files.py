@@ -29,8 +29,9 @@ from typing import Protocol
 import trio
 
 from blobfs.errors import FsError
-from blobfs.fs.core import ROOT_INO, Attr, Filesystem, Version
+from blobfs.fs.core import ROOT_INO, Attr, Filesystem
 from blobfs.fs.inodes import Inode
+from blobfs.fs.records import Version
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class Tail:
             n = 0
             if f.pos == off:
                 try:
+                    # `park` admits only sinks with a descriptor.
                     n = os.write(f.sink.fd, framed)  # type: ignore[arg-type]
                 except BlockingIOError:
                     n = 0

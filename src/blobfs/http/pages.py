@@ -64,6 +64,7 @@ def _when(mtime: object) -> str:
     import time
 
     try:
+        # Any value may come in; what float() refuses is caught below.
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(mtime)))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return ""

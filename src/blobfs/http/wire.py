@@ -70,7 +70,9 @@ class Exchange:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ClientGone(str(exc) or type(exc).__name__) from exc
-            self.conn.receive_data(data)  # b"" is EOF: h11 reports ConnectionClosed
+            # b"" is EOF: h11 reports ConnectionClosed. h11 takes any bytes-like object (it
+            # appends it to a bytearray); its annotation says bytes.
+            self.conn.receive_data(data)  # type: ignore[arg-type]
 
     async def next_request(self) -> Request | None:
         """The next request's head, or None once the client closed the connection."""
@@ -135,7 +137,10 @@ class Exchange:
     async def write(self, data: bytes | memoryview) -> None:
         if not len(data):
             return
-        pieces = self.conn.send_with_data_passthrough(h11.Data(data=data)) or []
+        # h11 passes Data through untouched (send_with_data_passthrough): a memoryview is
+        # fine though its annotation says bytes.
+        event = h11.Data(data=data)  # type: ignore[arg-type]
+        pieces = self.conn.send_with_data_passthrough(event) or []
         if len(data) <= COALESCE:
             # One syscall (and one trip through trio) instead of three: with a thousand
             # followers of a log written line by line, this is most of the server's work.

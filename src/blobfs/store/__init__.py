@@ -6,6 +6,7 @@ Adapters are imported lazily so a `file://` mount never loads boto3 or the Azure
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from blobfs.config import StoreConfig
@@ -46,4 +47,5 @@ def open_store(url: str, cfg: StoreConfig) -> ObjectStore:
     scheme = split_source(url)[0]
     module_name, factory = SCHEMES[scheme]
     module = importlib.import_module(module_name)
-    return getattr(module, factory)(url, cfg)
+    build: Callable[[str, StoreConfig], ObjectStore] = getattr(module, factory)
+    return build(url, cfg)

@@ -29,7 +29,8 @@ from blobfs.errors import (
     Throttled,
     TransientError,
 )
-from blobfs.types import ETag, ListPage, ObjectMeta, Range, is_append_of, normalize_ranges
+from blobfs.types import ETag, ListPage, ObjectMeta, is_append_of, normalize_ranges
+from blobfs.types import Range as Range  # re-exported: the adapters take it from here
 
 
 class PendingSource(Protocol):

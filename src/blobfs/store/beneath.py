@@ -47,6 +47,7 @@ _probe_lock = threading.Lock()
 
 def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int:
     global _syscall, use_openat2
+    assert _SYS_OPENAT2 is not None  # use_openat2 is False where there is none
     if _syscall is None:
         with _probe_lock:
             libc = ctypes.CDLL(None, use_errno=True)

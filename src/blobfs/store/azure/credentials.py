@@ -124,9 +124,7 @@ def resolve_access(cfg: StoreConfig, environ: Mapping[str, str]) -> _Access:
     if sas:
         return _Access(endpoint, sas, (sas,), "SAS token")
     try:
-        from azure.identity import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
-            DefaultAzureCredential,
-        )
+        from azure.identity import DefaultAzureCredential
     except ImportError:
         return _Access(endpoint, None, (), "anonymous")
     return _Access(endpoint, DefaultAzureCredential(), (), "azure-identity")
