@@ -42,8 +42,8 @@ from blobfs.runtime import control_socket, prepare_runtime_dir, runtime_dir, sta
 from blobfs.systemd import Notifier
 from blobfs.telemetry import (
     Meter,
-    MeteredStore,
     Telemetry,
+    metered,
     open_control_listener,
     serve_control,
 )
@@ -230,7 +230,7 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
                  on_ready: Callable[[], None] | None) -> int:
     target = metrics.parse_target(cfg.metrics) if cfg.metrics else None
     raw_store = await check_store(cfg)
-    store = MeteredStore(raw_store, Meter())
+    store = metered(raw_store, Meter())
     telemetry = Telemetry(cfg, store, raw_store.display)
     http: list[trio.SocketListener] = []
     if target is not None and target.port is not None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -30,8 +30,16 @@ from blobfs import __version__
 from blobfs.errors import PreconditionFailed
 from blobfs.fs.records import Stats
 from blobfs.log import redact
-from blobfs.store.base import BlockUpload, ObjectStore
-from blobfs.types import Range, normalize_ranges
+from blobfs.store.base import (
+    BlockUpload,
+    ChecksNames,
+    CountsRetries,
+    DropsOrphans,
+    ObjectStore,
+    PendingSource,
+    StagesPending,
+)
+from blobfs.types import ETag, ListPage, ObjectMeta, Range, normalize_ranges
 
 if TYPE_CHECKING:
     from blobfs.config import MountConfig
@@ -77,30 +85,35 @@ class Meter:
 
 
 class _MeteredUpload:
-    """A `BlockUpload` that reports staged and committed bytes and ETag races."""
+    """A `BlockUpload` that reports staged and committed bytes and ETag races.
+
+    It delegates the protocol explicitly; `metered_upload` picks the subclass that also
+    offers the optional capabilities the wrapped upload has, and only those.
+    """
 
     def __init__(self, inner: BlockUpload, meter: Meter) -> None:
         self._inner = inner
         self._meter = meter
-        if getattr(inner, "stage_pending", None) is not None:
-            # Offered only when the inner upload has it: callers probe with getattr.
-            self.stage_pending = self._stage_pending
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    @property
+    def key(self) -> str:
+        return self._inner.key
+
+    @property
+    def base(self) -> ObjectMeta | None:
+        return self._inner.base
 
     async def stage(self, off: int, data: bytes) -> None:
         await self._inner.stage(off, data)
         self._meter.staged_bytes += len(data)
 
-    async def _stage_pending(self, off: int, size: int) -> None:
-        await self._inner.stage_pending(off, size)  # type: ignore[attr-defined]
-        self._meter.staged_bytes += size
+    def discard_nowait(self, off: int) -> None:
+        self._inner.discard_nowait(off)
 
-    async def commit(self, size: int, dirty: Sequence[Range], metadata: Mapping[str, str],
-                     *args: Any, **kwargs: Any) -> Any:
+    async def commit(self, size: int, dirty: Sequence[Range],
+                     metadata: Mapping[str, str]) -> ObjectMeta:
         try:
-            meta = await self._inner.commit(size, dirty, metadata, *args, **kwargs)
+            meta = await self._inner.commit(size, dirty, metadata)
         except PreconditionFailed:
             # Another writer moved the ETag: the core rebases an append or fails the commit.
             self._meter.conflicts += 1
@@ -108,36 +121,128 @@ class _MeteredUpload:
         self._meter.committed(sum(r.size for r in normalize_ranges(list(dirty))))
         return meta
 
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
+class _MeteredPendingUpload(_MeteredUpload, StagesPending):
+    """A metered upload over one that `StagesPending`."""
+
+    _inner: _PendingUpload
+
+    async def stage_pending(self, off: int, size: int) -> None:
+        await self._inner.stage_pending(off, size)
+        self._meter.staged_bytes += size
+
+
+class _PendingUpload(BlockUpload, StagesPending, Protocol):
+    """An upload with `stage_pending` (what `_MeteredPendingUpload` wraps)."""
+
+
+def metered_upload(inner: BlockUpload, meter: Meter) -> BlockUpload:
+    """`inner`, metered, offering `StagesPending` exactly when `inner` does."""
+    if isinstance(inner, StagesPending):
+        return _MeteredPendingUpload(inner, meter)
+    return _MeteredUpload(inner, meter)
+
 
 class MeteredStore:
-    """Wraps an `ObjectStore` to count what its uploads commit; delegates everything else.
+    """Wraps an `ObjectStore` to count what its uploads commit; delegates the rest.
 
     It adds no awaits and no locking of its own, so the core sees the store unchanged.
+    Build it with `metered`, which picks the subclass that also offers the optional
+    capabilities (`DropsOrphans`, `ChecksNames`) the wrapped store has, and only those.
     """
 
     def __init__(self, inner: ObjectStore, meter: Meter) -> None:
         self._inner = inner
         self.meter = meter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        self.display = inner.display
 
     @property
     def inner(self) -> ObjectStore:
         return self._inner
 
-    def begin_upload(self, *args: Any, **kwargs: Any) -> BlockUpload:
-        return _MeteredUpload(self._inner.begin_upload(*args, **kwargs), self.meter)
+    async def check(self) -> None:
+        await self._inner.check()
+
+    async def head(self, key: str) -> ObjectMeta:
+        return await self._inner.head(key)
+
+    async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        return await self._inner.read(key, etag, off, size)
+
+    async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
+                   limit: int = 1000) -> ListPage:
+        return await self._inner.list(prefix, delimiter=delimiter, token=token, limit=limit)
+
+    async def delete(self, key: str) -> None:
+        await self._inner.delete(key)
+
+    async def copy(self, src: ObjectMeta, dst_key: str,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        return await self._inner.copy(src, dst_key, metadata)
+
+    def begin_upload(self, key: str, base: ObjectMeta | None, source: PendingSource,
+                     metadata: Mapping[str, str] | None = None) -> BlockUpload:
+        return metered_upload(self._inner.begin_upload(key, base, source, metadata),
+                              self.meter)
+
+    async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
+        return await self._inner.proves_append(old, new)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
-def store_retries(store: object) -> int:
-    """Transient failures the store retried so far (0 for stores that never retry)."""
-    inner = getattr(store, "inner", store)
-    value = getattr(inner, "retries", None)
-    if not isinstance(value, int):
-        # Adapters keep the counter on their `Blocking` helper (store/_blocking.py).
-        value = getattr(getattr(inner, "_blocking", None), "retries", 0)
-    return value if isinstance(value, int) else 0
+class _DroppingStore(ObjectStore, DropsOrphans, Protocol):
+    """A store with `drop_orphan`."""
+
+
+class _NamingStore(ObjectStore, ChecksNames, Protocol):
+    """A store with `name_problem`."""
+
+
+class _MeteredDropping(MeteredStore, DropsOrphans):
+    _inner: _DroppingStore
+
+    async def drop_orphan(self, key: str, token: str) -> None:
+        await self._inner.drop_orphan(key, token)
+
+
+class _MeteredNaming(MeteredStore, ChecksNames):
+    _inner: _NamingStore
+
+    def name_problem(self, name: str) -> str | None:
+        return self._inner.name_problem(name)
+
+
+class _DroppingNamingStore(_DroppingStore, _NamingStore, Protocol):
+    """A store with both."""
+
+
+class _MeteredDroppingNaming(_MeteredDropping, _MeteredNaming):
+    _inner: _DroppingNamingStore
+
+
+def metered(inner: ObjectStore, meter: Meter) -> MeteredStore:
+    """`inner` wrapped in a `MeteredStore` that claims exactly the optional capabilities
+    `inner` has (an isinstance() of the wrapper answers as one of `inner` would)."""
+    drops, names = isinstance(inner, DropsOrphans), isinstance(inner, ChecksNames)
+    if drops and names:
+        return _MeteredDroppingNaming(inner, meter)
+    if drops:
+        return _MeteredDropping(inner, meter)
+    if names:
+        return _MeteredNaming(inner, meter)
+    return MeteredStore(inner, meter)
+
+
+def store_retries(store: ObjectStore) -> int:
+    """Transient failures the store (or the one a `MeteredStore` wraps) retried so far;
+    0 for stores that never retry."""
+    inner = store.inner if isinstance(store, MeteredStore) else store
+    return inner.retries if isinstance(inner, CountsRetries) else 0
 
 
 class Telemetry:

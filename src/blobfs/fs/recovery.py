@@ -31,7 +31,7 @@ from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError
 from blobfs.fs.epoch import Epoch, merge
 from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
 from blobfs.fs.writer import FileWriter
-from blobfs.store.base import ObjectStore, put_bytes
+from blobfs.store.base import DropsOrphans, ObjectStore, put_bytes
 from blobfs.types import META_COMMIT, META_STREAM, ETag, ObjectMeta, Range
 
 log = logging.getLogger(__name__)
@@ -214,12 +214,11 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
 
 async def _drop_orphans(store: ObjectStore, key: str, tokens: list[str]) -> None:
     """Abort what the dead run's unfinished uploads left on the server (DropsOrphans)."""
-    drop = getattr(store, "drop_orphan", None)
-    if drop is None:
+    if not isinstance(store, DropsOrphans):
         return  # this store's leftovers expire on their own
     for token in tokens:
         try:
-            await drop(key, token)
+            await store.drop_orphan(key, token)
         except StoreError as exc:
             log.warning("could not clean up upload %s of %s left by a crashed run (%s); "
                         "a bucket lifecycle rule removes it eventually", token, key, exc)

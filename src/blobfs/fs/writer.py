@@ -26,7 +26,13 @@ import trio
 from blobfs.errors import NotFound, PreconditionFailed, StoreError, commit_failed
 from blobfs.fs.epoch import Epoch, merge
 from blobfs.fs.spool import COMPACT_AT, SpoolEntry
-from blobfs.store.base import BlockUpload, ObjectStore
+from blobfs.store.base import (
+    BlockUpload,
+    FilePendingSource,
+    ObjectStore,
+    RemembersUploads,
+    StagesPending,
+)
 from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta, Range, rooted_stream
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,7 @@ def base_record(meta: ObjectMeta | None) -> dict[str, Any] | None:
     return {"etag": meta.etag, "size": meta.size, "stream": meta.stream}
 
 
-class _SpoolSource:
+class _SpoolSource(FilePendingSource, RemembersUploads):
     """A FilePendingSource over the spool: a local store copies from its data file."""
 
     def __init__(self, spool: SpoolEntry) -> None:
@@ -254,10 +260,9 @@ class FileWriter:
                 if self.epoch is not ep or seen is None or self.detached:
                     return
                 upload = self._upload(ep)
-                stage_pending = getattr(upload, "stage_pending", None)
-                if stage_pending is not None:
+                if isinstance(upload, StagesPending):
                     # The store copies the block from the spool itself (file://).
-                    await stage_pending(off, self._block_size)
+                    await upload.stage_pending(off, self._block_size)
                 else:
                     await upload.stage(off, await self.spool.read(off, self._block_size))
                 if ep.chunk_writes.get(off) == seen:

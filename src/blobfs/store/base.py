@@ -68,8 +68,15 @@ class BlockUpload(Protocol):
     Raises (every method): the store exceptions of `blobfs.errors`.
     """
 
-    key: str
-    base: ObjectMeta | None
+    @property
+    def key(self) -> str:
+        """The key the new version will be committed to."""
+        ...
+
+    @property
+    def base(self) -> ObjectMeta | None:
+        """The version the commit is conditional on (None: the key must not exist)."""
+        ...
 
     async def stage(self, off: int, data: bytes) -> None:
         """Offer new bytes that will sit at [off, off+len(data)) of the new version.
@@ -103,15 +110,22 @@ class BlockUpload(Protocol):
         ...
 
 
+# --- optional capabilities ------------------------------------------------------------
+# Each is a Protocol of its own, tested with isinstance(). A store or upload that has one
+# names it among its bases (so the checker holds it to the signature); a wrapper
+# (telemetry.MeteredStore) claims one only when what it wraps has it.
+
+
+@runtime_checkable
 class DropsOrphans(Protocol):
     """Optional on an `ObjectStore`: clean up what a crashed run's upload left on it.
 
     An upload that creates something on the server before its commit (an S3 multipart
-    upload, a local temp file) names it with a token and hands the token to its source's
-    optional `remember_upload(token)` (the spool journals it). After a crash, recovery
-    calls `drop_orphan` for the tokens of uploads that never finished, before committing
-    again, so nothing is billed forever and no late completion can land twice. Stores
-    whose leftovers expire on their own (Azure's uncommitted blocks) do not offer it.
+    upload, a local temp file) names it with a token and hands the token to its source
+    when the source is `RemembersUploads` (the spool journals it). After a crash,
+    recovery calls `drop_orphan` for the tokens of uploads that never finished, before
+    committing again, so nothing is billed forever and no late completion can land twice.
+    Stores whose leftovers expire on their own (Azure's uncommitted blocks) do not offer it.
     """
 
     async def drop_orphan(self, key: str, token: str) -> None:
@@ -123,24 +137,65 @@ class DropsOrphans(Protocol):
         ...
 
 
+@runtime_checkable
+class RemembersUploads(Protocol):
+    """Optional on a `PendingSource`: journal the server-side state of an upload (the
+    spool's source does), so recovery can drop it after a crash (see `DropsOrphans`)."""
+
+    async def remember_upload(self, token: str) -> None:
+        """Record `token` durably enough for recovery to find it. Checkpoints.
+
+        Never raises for a failure to record: only cleanup after a crash depends on it,
+        so the source logs the failure and the upload goes on.
+        """
+        ...
+
+
 async def remember_upload(source: PendingSource, token: str) -> None:
-    """Tell `source` about server-side state an upload just created (see DropsOrphans)."""
-    remember = getattr(source, "remember_upload", None)
-    if remember is not None:
-        await remember(token)
+    """Tell `source` about server-side state an upload just created (see DropsOrphans);
+    nothing when the source does not keep such records."""
+    if isinstance(source, RemembersUploads):
+        await source.remember_upload(token)
 
 
+@runtime_checkable
 class StagesPending(Protocol):
-    """Optional on a `BlockUpload`: staging straight from its `PendingSource`.
-
-    Look it up with `getattr(upload, "stage_pending", None)`: wrappers that delegate by
-    `__getattr__` have it without declaring it.
-    """
+    """Optional on a `BlockUpload`: staging straight from its `PendingSource`."""
 
     async def stage_pending(self, off: int, size: int) -> None:
         """`stage(off, <the source's bytes [off, off+size)>)` without the caller reading
         them: the local store copies them from a `FilePendingSource` in the kernel. The
-        bytes are the source's as the call runs, like a `read_pending` at that moment."""
+        bytes are the source's as the call runs, like a `read_pending` at that moment.
+
+        Raises:
+            StoreError: as `stage`.
+            OSError: the source could not be read.
+        """
+        ...
+
+
+@runtime_checkable
+class ChecksNames(Protocol):
+    """Optional on an `ObjectStore`: names it would not keep as written.
+
+    The core asks before any store call about a new name, so a write can never land on
+    another key. Stores that keep every valid UTF-8 name as written do not offer it.
+    """
+
+    def name_problem(self, name: str) -> str | None:
+        """Why the store would not keep file name `name` as written; None when it would.
+        Pure: no I/O, never raises."""
+        ...
+
+
+@runtime_checkable
+class CountsRetries(Protocol):
+    """Optional on an `ObjectStore`: how many transient failures it retried so far
+    (`blobfs status`, metrics). Stores that never retry do not offer it (0)."""
+
+    @property
+    def retries(self) -> int:
+        """Retries since the store was built; only grows. Trio thread, never blocks."""
         ...
 
 

@@ -38,9 +38,11 @@ from blobfs.errors import (
 )
 from blobfs.store._blocking import Blocking
 from blobfs.store.base import (
+    DropsOrphans,
     FilePendingSource,
     PendingSource,
     Range,
+    StagesPending,
     base_segments,
     lineage_proves_append,
     remember_upload,
@@ -102,7 +104,7 @@ def _meta_of(key: str, fd: int) -> ObjectMeta:
     return ObjectMeta(key, st.st_size, _etag_of(fd), st.st_mtime, metadata)
 
 
-class LocalUpload:
+class LocalUpload(StagesPending):
     """A new version written aside in DIR/.blobfs/tmp, renamed over the key by `commit`.
 
     Pending bytes from a `FilePendingSource` (the spool) are copied into the temp file in
@@ -281,7 +283,7 @@ def _unlink_quiet(tree: Tree, rel: str) -> None:
         tree.unlink(rel)
 
 
-class LocalStore:
+class LocalStore(DropsOrphans):
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root
         self.tree = Tree(root)

@@ -52,7 +52,13 @@ from blobfs.store.azure.layout import (
     _LayoutCache,
 )
 from blobfs.store.azure.upload import AzureUpload, _Entry
-from blobfs.store.base import PendingSource, check_errors, lineage_proves_append
+from blobfs.store.base import (
+    ChecksNames,
+    CountsRetries,
+    PendingSource,
+    check_errors,
+    lineage_proves_append,
+)
 from blobfs.types import (
     META_STREAM,
     ETag,
@@ -74,7 +80,7 @@ POOL_SIZE = 32
 
 
 # --- the store -----------------------------------------------------------------------------
-class AzureStore:
+class AzureStore(ChecksNames, CountsRetries):
     """Block blobs of one container under a prefix; keys are relative to the prefix."""
 
     def __init__(
@@ -124,6 +130,11 @@ class AzureStore:
         #: Counters for tests and metrics.
         self.commits = 0
         self.staged_bytes = 0
+
+    @property
+    def retries(self) -> int:
+        """`CountsRetries`: transient failures retried so far (status, metrics)."""
+        return self._blocking.retries
 
     # -- plumbing ---------------------------------------------------------------------------
     def _classify(self, exc: BaseException) -> StoreError:

@@ -26,6 +26,8 @@ from blobfs.errors import (
 )
 from blobfs.store._blocking import DEFAULT_LIMITS, Blocking
 from blobfs.store.base import (
+    CountsRetries,
+    DropsOrphans,
     PendingSource,
     Range,
     check_errors,
@@ -54,7 +56,7 @@ from blobfs.types import ETag, ListPage, ObjectMeta, metadata_from_store
 log = logging.getLogger(__name__)
 
 # --- the store -------------------------------------------------------------------------------
-class S3Store:
+class S3Store(DropsOrphans, CountsRetries):
     """An S3 bucket (or a prefix of one) as an `ObjectStore`. Keys are relative to the prefix."""
 
     def __init__(self, bucket: str, prefix: str, cfg: StoreConfig, *,
