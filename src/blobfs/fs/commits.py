@@ -93,6 +93,7 @@ class Commits(CoreParts):
         w.on_base = on_base
 
     def make_writer(self, key: str, base: ObjectMeta | None, entry: SpoolEntry) -> FileWriter:
+        """A writer of `key` over spool `entry` with this mount's limits (for recovery)."""
         return FileWriter(key, base, entry, self.store, block_size=self.cfg.block_size,
                           spawn=self._spawn, stage_limiter=self._stage_limiter,
                           commit_limiter=self._commit_limiter)
@@ -117,6 +118,18 @@ class Commits(CoreParts):
 
     # --- writes ---------------------------------------------------------------------------
     async def write(self, fh: int, off: int, data: bytes) -> int:
+        """Write `data` at `off` (at the end for an O_APPEND handle); returns len(data).
+
+        The bytes land in the spool (journaled before this returns) and are committed later
+        by flush, fsync or the commit timer; full blocks are staged to the store meanwhile,
+        in the background.
+
+        Blocks: awaits the spool, and the file's change lock while a rebase moves its end.
+
+        Raises:
+            FsError: EBADF (unknown or read-only handle), ENOSPC (spool disk full).
+            OSError: another spool failure.
+        """
         h = self._handle(fh)
         if not h.writable:
             raise FsError(errno.EBADF, "handle not open for writing")
@@ -137,6 +150,20 @@ class Commits(CoreParts):
 
     async def setattr(self, ino: int, *, size: int | None = None, mtime: float | None = None,
                       fh: int | None = None) -> Attr:
+        """Truncate to `size` and/or set `mtime`; returns the new attributes.
+
+        A truncate through a path (`fh` None) with no open handle is committed before this
+        returns (no close will follow); otherwise it is committed like a write. `mtime` is kept
+        in memory only: the store's version time wins after the next refresh.
+
+        Blocks: awaits a HEAD, the spool and, for a path truncate, the commit.
+
+        Raises:
+            FsError: ENOENT for an unknown inode, EISDIR, EFBIG (over MAX_FILE_SIZE), EROFS,
+                ENOSPC, EIO when a path truncate's commit failed (it keeps being retried).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying.
+        """
         inode = self._inode(ino)
         if size is not None:
             if inode.is_dir:
@@ -238,17 +265,38 @@ class Commits(CoreParts):
         self._drop_listing(inode.parent_key)
 
     async def flush(self, fh: int) -> None:
+        """close(2) of a handle: with close=sync (the default) commit the file's pending
+        writes and wait for it; with close=async leave them to the commit timer. A read-only
+        handle or a clean file does nothing. Called once per close of each dup'd descriptor, so
+        it must be cheap and idempotent.
+
+        Blocks: waits for the commit (uploads, then the conditional commit) with close=sync.
+
+        Raises:
+            FsError: EBADF (unknown handle); EIO when the commit failed, also an earlier timer
+                commit's failure (the data stays in the spool and is retried); ENOSPC/EFBIG.
+        """
         h = self._handle(fh)
         if not h.writable or h.inode.writer is None:
             return
         await self._commit(h.inode, wait=self.cfg.close == "sync")
 
     async def fsync(self, fh: int) -> None:
+        """Commit the file's pending writes and wait for it, whatever `close` says.
+
+        Blocks: waits for the commit.
+
+        Raises:
+            FsError: as `flush`.
+        """
         h = self._handle(fh)
         await self._commit(h.inode, wait=True)
 
     async def flush_all(self) -> list[str]:
-        """Commit everything pending (shutdown); return the keys that could not be."""
+        """Commit everything pending (shutdown); return the keys that could not be.
+
+        Blocks: waits for each commit in turn. Raises nothing for a failed commit (it is
+        logged and its key returned)."""
         failed = []
         for inode in self.inodes:
             w = inode.writer
@@ -269,7 +317,9 @@ class Commits(CoreParts):
 
     async def final_flush(self, timeout: float) -> list[str]:
         """Shutdown: commit everything pending within `timeout` seconds, shielded from the
-        caller's cancellation; return the keys left in the spool (semantics §4)."""
+        caller's cancellation; return the keys left in the spool (semantics §4).
+
+        Blocks: up to `timeout` seconds. Raises nothing for a failed commit."""
         failed: list[str] = []
         with trio.move_on_after(timeout) as scope:
             scope.shield = True

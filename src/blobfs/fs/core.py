@@ -50,7 +50,14 @@ XATTRS = ("user.blobfs.etag", "user.blobfs.committed_size", "user.blobfs.pending
 
 
 class Filesystem(Namespace, Commits):
-    """All operations of one mount. Call only from the trio thread."""
+    """All operations of one mount. Call only from the trio thread.
+
+    Each operation's docstring says what it raises: `FsError` with its errno, and store
+    errors (`blobfs.errors`), which `errors.errno_for` maps (NotFound ENOENT, AccessDenied
+    EACCES, StoreUnavailable EIO, ...). "Blocks" there means the operation awaits (the
+    store, the spool, a commit or a lock), so other requests run meanwhile; operations
+    that are plain functions never block.
+    """
 
     def __init__(
         self,
@@ -152,6 +159,16 @@ class Filesystem(Namespace, Commits):
         return h
 
     async def getattr(self, ino: int) -> Attr:
+        """The attributes of inode `ino`; a file is revalidated first (a HEAD when the view
+        is older than metadata_ttl), which may follow an append or end a replaced version.
+
+        Blocks: awaits the store (one HEAD at most); directories never do.
+
+        Raises:
+            FsError: ENOENT for an unknown inode.
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         inode = self._inode(ino)
         if not inode.is_dir:
             await self._refresh(inode)
@@ -335,7 +352,20 @@ class Filesystem(Namespace, Commits):
         return h
 
     async def open(self, ino: int, flags: int) -> tuple[Fh, bool]:
-        """Open a file; returns (fh, keep_cache) where keep_cache says kernel pages are valid."""
+        """Open a file; returns (fh, keep_cache) where keep_cache says kernel pages are valid.
+
+        The file is revalidated first; O_TRUNC empties it (committed like any write). The
+        handle pins the version it saw (semantics §3).
+
+        Blocks: awaits the store (a HEAD), and the spool for a writer with O_TRUNC.
+
+        Raises:
+            FsError: ENOENT (unknown inode, or the blob is gone), EISDIR, ESTALE (the
+                kernel's inode was retired by a newer version: it looks the name up again),
+                EROFS (writable on a read-only or stopping mount), ENOSPC (spool disk).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         inode = self._inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
@@ -377,6 +407,11 @@ class Filesystem(Namespace, Commits):
         return h.fh, keep
 
     async def release(self, fh: int) -> None:
+        """Close handle `fh` (the last close of a file that needs no commit drops its writer
+        and spool entry). An unknown handle is ignored. Commits happen in `flush`, never here.
+
+        Blocks: awaits the spool's cleanup only. Raises nothing the caller must handle (OSError
+        from the spool at most)."""
         h = self._handles.pop(Fh(fh), None)
         if h is None:
             return
@@ -416,6 +451,19 @@ class Filesystem(Namespace, Commits):
         kernel zero-fills a short reply up to the size it knows and keeps those pages
         (issue 11 bug 3). So a read that raced a followed append or a local write reads
         on into the bytes that arrived, before it answers.
+
+        Pending writes of this mount are read back (read-your-writes); other bytes come
+        from the pinned version through the block cache, with read-ahead.
+
+        Blocks: awaits the store (ranged GETs, a HEAD past metadata_ttl) unless the cache
+        has the bytes, and the spool for pending bytes.
+
+        Raises:
+            FsError: EBADF for an unknown handle; ESTALE inside a version replaced
+                remotely, ENOENT inside one deleted (EOF past its end, not an error); EIO
+                when the blob keeps changing under five attempts.
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying.
         """
         h = self._handle(fh)
         inode = h.inode
@@ -508,6 +556,16 @@ class Filesystem(Namespace, Commits):
 
     # --- xattrs ---------------------------------------------------------------------
     async def getxattr(self, ino: int, name: str) -> bytes:
+        """The value of one of XATTRS (etag, committed size, pending bytes, last commit time)
+        of a file, after revalidating it.
+
+        Blocks: awaits the store (a HEAD past metadata_ttl).
+
+        Raises:
+            FsError: ENOENT for an unknown inode; ENODATA for a directory or another name.
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         inode = self._inode(ino)
         if inode.is_dir or name not in XATTRS:
             raise FsError(errno.ENODATA)
@@ -527,6 +585,11 @@ class Filesystem(Namespace, Commits):
         return value.encode()
 
     def listxattr(self, ino: int) -> list[str]:
+        """The extended attribute names of a file (none for a directory). Never blocks.
+
+        Raises:
+            FsError: ENOENT for an unknown inode.
+        """
         inode = self._inode(ino)
         return [] if inode.is_dir else list(XATTRS)
 

@@ -116,6 +116,20 @@ class Namespace(CoreParts):
         return inode
 
     async def lookup(self, parent_ino: int, name: str) -> Attr:
+        """Look `name` up in directory `parent_ino` and count one kernel lookup of it.
+
+        A fresh listing of the directory answers without a request; otherwise a HEAD of the key
+        and a one-key listing of it as a directory run together (a directory wins over a file
+        of the same name). A changed blob is observed as by `getattr`.
+
+        Blocks: awaits the store (see above) and waits for a paging of the same directory.
+
+        Raises:
+            FsError: ENOENT (no such name, or a name no key can have: not UTF-8), ENOTDIR,
+                EINVAL (a name the store would rewrite), ENAMETOOLONG.
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         try:
             inode = await self._find(self._inode(parent_ino), name)
         except FsError as exc:
@@ -133,6 +147,8 @@ class Namespace(CoreParts):
             inode.lookups += 1
 
     def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped `n` lookups of `ino`; an inode nobody uses is freed. Never blocks,
+        never raises (an unknown inode is ignored)."""
         inode = self.inodes.get(ino)
         self.inodes.forget(ino, n)
         if inode is not None and self.inodes.get(ino) is None:
@@ -269,14 +285,25 @@ class Namespace(CoreParts):
         return out
 
     async def opendir(self, ino: int) -> DirStream:
-        """Start reading a directory: its listing, kept whole for this stream."""
+        """Start reading a directory: its listing, kept whole for this stream.
+
+        Blocks: awaits the store (the listing's pages) unless a fresh listing is cached,
+        and waits for a paging of the same directory already running.
+
+        Raises:
+            FsError: ENOENT for an unknown inode, ENOTDIR.
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying.
+        """
         inode = self._inode(ino)
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR)
         return DirStream(inode, await self._list(inode))
 
     def dir_entry(self, stream: DirStream, index: int) -> DirEntry:
-        """Entry `index` of an open directory (its inode made on first use, not before)."""
+        """Entry `index` of an open directory (its inode made on first use, not before).
+
+        Never blocks. Raises IndexError past the end of `stream.listing`."""
         listing = stream.listing
         name = listing.names[index]
         meta = listing.metas[name]
@@ -294,10 +321,23 @@ class Namespace(CoreParts):
             self.inodes.maybe_drop(inode)
 
     async def readdir(self, ino: int) -> list[DirEntry]:
+        """All entries of a directory at once (`opendir` + `dir_entry`; the HTTP face and
+        tests). Blocks and raises as `opendir`."""
         stream = await self.opendir(ino)
         return [self.dir_entry(stream, i) for i in range(len(stream.listing))]
 
     async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        """Create directory `name` in `parent_ino`: an empty marker blob `name/`, put with
+        If-None-Match so a racing creator elsewhere is refused.
+
+        Blocks: awaits the store (the lookup, then one conditional put).
+
+        Raises:
+            FsError: EEXIST, EROFS, ENOENT for an unknown parent, ENOTDIR, EINVAL (a name the store
+                would rewrite), ENAMETOOLONG, EILSEQ (not UTF-8).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         self._writable()
         parent = self._inode(parent_ino)
         try:
@@ -319,6 +359,17 @@ class Namespace(CoreParts):
         return self._attr(inode)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
+        """Remove empty directory `name` (its marker blob). A directory holding blobs, or files
+        of this mount not yet committed, is not empty.
+
+        Blocks: awaits the store (the lookup, a two-key listing, a delete).
+
+        Raises:
+            FsError: ENOENT, ENOTDIR, ENOTEMPTY, EROFS, EINVAL (a name the store would rewrite),
+                ENAMETOOLONG, EILSEQ (not UTF-8).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         self._writable()
         parent = self._inode(parent_ino)
         inode = await self._find(parent, name)
@@ -339,6 +390,20 @@ class Namespace(CoreParts):
 
     # --- files: create --------------------------------------------------------------------
     async def create_file(self, parent_ino: int, name: str, flags: int) -> tuple[Fh, Attr]:
+        """Create (or truncate, if the key exists) file `name` and open it; returns (fh, attr).
+
+        Nothing reaches the store before the first commit (flush, fsync or the commit timer):
+        the new key is visible to this mount at once, to others after that commit.
+
+        Blocks: awaits the store (a HEAD), the spool (a new entry), and the key's namespace
+        lock while an unlink or rename of the same key runs.
+
+        Raises:
+            FsError: EROFS, ENOENT for an unknown parent, ENOTDIR, EINVAL (a name the store would
+                rewrite), ENAMETOOLONG, EILSEQ (not UTF-8), ENOSPC (spool disk).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         self._writable()
         parent = self._inode(parent_ino)
         key = self._child_key(parent, name)
@@ -377,7 +442,14 @@ class Namespace(CoreParts):
         return h.fh, self._attr(inode)
 
     async def mknod(self, parent_ino: int, name: str) -> Attr:
-        """mknod(2) of a regular file: created as by open(O_CREAT|O_EXCL) and close."""
+        """mknod(2) of a regular file: created as by open(O_CREAT|O_EXCL) and close.
+
+        Blocks: as `create_file`, then waits for the commit of the empty file (as `flush`).
+
+        Raises:
+            FsError: as `create_file`; EIO when the commit failed (the file stays pending).
+            StoreError: as `create_file`.
+        """
         fh, _ = await self.create_file(parent_ino, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         inode = self._handle(fh).inode
         try:
@@ -388,6 +460,19 @@ class Namespace(CoreParts):
 
     # --- namespace changes ----------------------------------------------------------------
     async def unlink(self, parent_ino: int, name: str) -> None:
+        """Remove file `name`: its blob is deleted, and its open handles keep reading what it
+        held (up to KEEP_UNLINKED_MAX bytes, else ENOENT as for a remote delete). Pending writes
+        of it are never committed.
+
+        Blocks: awaits the key's namespace lock, a commit of it in flight, the store (a lookup,
+        reads of the data kept for open handles, the delete).
+
+        Raises:
+            FsError: ENOENT, EISDIR, EROFS, ENOTDIR, EINVAL (a name the store would rewrite),
+                ENAMETOOLONG, EILSEQ (not UTF-8).
+            StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
+                retrying, from the store requests it makes.
+        """
         self._writable()
         parent = self._inode(parent_ino)
         key = self._child_key(parent, name)
@@ -449,6 +534,20 @@ class Namespace(CoreParts):
 
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
                      *, noreplace: bool = False, exchange: bool = False) -> None:
+        """Rename a file: pending writes are committed first, then a server-side copy to
+        the new key and a delete of the old one (not atomic on a blob store: another
+        client may briefly see both or neither). A replaced destination is unlinked.
+
+        Blocks: awaits both keys' namespace locks (sorted), the source's commit and the
+        store (lookups, copy, delete).
+
+        Raises:
+            FsError: ENOENT, EEXIST (`noreplace`), EISDIR (the destination is a directory),
+                EXDEV (directories: `mv` copies them instead), EINVAL (`exchange`, or a bad
+                name), EROFS, ENOTDIR, ENAMETOOLONG, EILSEQ, EIO when the commit failed.
+            StoreError: PreconditionFailed when the source changed during the copy;
+                AccessDenied, or StoreUnavailable once `store/_blocking` gave up retrying.
+        """
         self._writable()
         if exchange:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported", logging.INFO)
@@ -510,4 +609,5 @@ class Namespace(CoreParts):
         src.meta = new_meta
 
     async def link(self) -> NoReturn:
+        """Hard links cannot be stored in a blob store. Raises FsError(EPERM) always."""
         raise FsError(errno.EPERM, "hard links are not supported", logging.INFO)

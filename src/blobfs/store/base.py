@@ -65,7 +65,11 @@ class FilePendingSource(PendingSource, Protocol):
 class BlockUpload(Protocol):
     """One new version of one key under construction. Nothing is visible before `commit`.
 
-    Raises (every method): the store exceptions of `blobfs.errors`.
+    One task uses an upload at a time except for `stage`, which may run concurrently for
+    different offsets. After `commit` returns or `abort` is called, only `abort` may follow.
+
+    Raises (every async method): the store exceptions of `blobfs.errors`; AccessDenied,
+    or StoreUnavailable once `store/_blocking` gave up retrying, from any of them.
     """
 
     @property
@@ -83,12 +87,17 @@ class BlockUpload(Protocol):
 
         The store may upload them now (a block, a multipart part) so the commit only has to
         send the tail, or keep nothing and read them from the source at commit. Staging the
-        same `off` again replaces the earlier bytes.
+        same `off` again replaces the earlier bytes. The writer stages whole blocks at
+        multiples of the block size; a store may rely on that.
+
+        Blocks: may await an upload of `data`. A failure loses nothing: the commit sends
+        what was not staged from the source.
         """
         ...
 
     def discard_nowait(self, off: int) -> None:
-        """Forget bytes staged at `off`: the caller changed them after staging."""
+        """Forget bytes staged at `off`: the caller changed them after staging, so the
+        commit reads them from the source again. Never blocks, never raises."""
         ...
 
     async def commit(
@@ -98,15 +107,28 @@ class BlockUpload(Protocol):
 
         The new content is `size` bytes: inside `dirty` the pending bytes (staged, else read
         from the source), elsewhere the base's bytes, and zeros past the base's end.
-        If-Match on the base ETag, or If-None-Match '*' when `base` is None.
+        If-Match on the base ETag, or If-None-Match '*' when `base` is None. `metadata` is
+        the new version's whole user metadata (the base's is not carried over).
+
+        Postcondition: the returned meta is the new current version (its ETag is what the
+        next upload's `base` must name). After PreconditionFailed nothing changed; after
+        StoreUnavailable the commit may still have landed (a reply lost after the server
+        applied it), so a retry must expect the key to have moved on to its own version.
+
+        Blocks: awaits the remaining uploads (reads of the source and of the base's bytes
+        it must copy) and the commit request.
 
         Raises:
-            PreconditionFailed: the key moved on (or appeared) since `base`.
+            PreconditionFailed: the key moved on (replaced or deleted) since `base`, or
+                appeared when `base` is None. Never retried.
+            ObjectTooLarge: `size` or the block count is over the store's limits.
+            BadRequest: the source gave fewer bytes than asked.
         """
         ...
 
     async def abort(self) -> None:
-        """Release server-side state (multipart uploads, temp files). Idempotent."""
+        """Release server-side state (multipart uploads, temp files). Idempotent.
+        Blocks: may await one request."""
         ...
 
 
@@ -200,7 +222,14 @@ class CountsRetries(Protocol):
 
 
 class ObjectStore(Protocol):
-    """A blob container. All methods checkpoint; none blocks the trio thread."""
+    """A blob container. All methods checkpoint; none blocks the trio thread.
+
+    Keys are UTF-8 strings relative to the mount's prefix; a key ending in '/' is a
+    directory marker. Every async method awaits the store ("blocks" for its caller), and
+    besides what each lists may raise AccessDenied, or StoreUnavailable once
+    `store/_blocking` gave up retrying (Throttled and TransientError are retried there
+    and surface only as StoreUnavailable). No SDK exception crosses this protocol.
+    """
 
     #: A description for logs and status, never holding a secret.
     display: str
@@ -216,7 +245,12 @@ class ObjectStore(Protocol):
         ...
 
     async def head(self, key: str) -> ObjectMeta:
-        """Raises NotFound."""
+        """The current version of `key`: its ETag (what reads and commits are conditional
+        on), size, modification time and user metadata. One request.
+
+        Raises:
+            NotFound: no such key.
+        """
         ...
 
     async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
@@ -233,17 +267,27 @@ class ObjectStore(Protocol):
     async def list(
         self, prefix: str, *, delimiter: str = "/", token: str | None = None, limit: int = 1000
     ) -> ListPage:
-        """One page of keys under `prefix`, grouped at `delimiter` into `prefixes`."""
+        """One page of keys under `prefix`, grouped at `delimiter` into `prefixes`.
+
+        Objects and prefixes come in key order, at most `limit` of them together; pass the
+        page's `token` back for the next page (None: this was the last). A listing is not
+        a snapshot: keys changed between pages may be missed or seen twice. A missing
+        prefix is an empty page, not NotFound.
+        """
         ...
 
     async def delete(self, key: str) -> None:
-        """Delete the key. Deleting a missing key succeeds."""
+        """Delete the key, unconditionally (whatever its version). Deleting a missing key
+        succeeds. Postcondition: a `head` after it raises NotFound (read-after-write)."""
         ...
 
     async def copy(
         self, src: ObjectMeta, dst_key: str, metadata: Mapping[str, str]
     ) -> ObjectMeta:
         """Server-side copy of version `src` to `dst_key` (unconditional on the target).
+
+        The copy gets `metadata` as its whole user metadata; returns its version. The
+        bytes do not pass through blobfs.
 
         Raises:
             PreconditionFailed: `src` is no longer current.
@@ -263,15 +307,22 @@ class ObjectStore(Protocol):
         `metadata` is what the commit expects to carry; S3 must fix metadata when a
         multipart upload starts, so knowing it early lets parts go up before the commit.
         The metadata given to `commit` wins if they differ.
+
+        Never blocks and never raises: no request is made before the upload's first
+        `stage` or `commit`, where the conditions (`base`) are checked.
         """
         ...
 
     async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
-        """Whether `new` keeps `old`'s bytes as a prefix (semantics §3 lineage)."""
+        """Whether `new` keeps `old`'s bytes as a prefix (semantics §3 lineage).
+
+        False whenever the store cannot prove it (never a wrong True). May await a request
+        (Azure compares block lists).
+        """
         ...
 
     async def aclose(self) -> None:
-        """Release clients and connections."""
+        """Release clients and connections. The store is not used after it."""
         ...
 
 
