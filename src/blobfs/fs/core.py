@@ -40,7 +40,7 @@ from blobfs.fs.reader import Reader
 from blobfs.fs.records import Attr, DirEntry, DirStream, Handle, Listing, Stats, Version
 from blobfs.fs.spool import Spool
 from blobfs.fs.writer import FileWriter
-from blobfs.store.base import ObjectStore
+from blobfs.store.base import ChecksNames, ObjectStore
 from blobfs.types import Fh, Ino, ObjectMeta, Range
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class Filesystem(Namespace, Commits):
         invalidate_entry: Callable[[Ino, str], None] = lambda parent_ino, name: None,
     ) -> None:
         self.store = store
+        #: The store's name rules (`ChecksNames`), asked once: an isinstance() of a runtime
+        #: Protocol costs ~10 us, too much for every lookup.
+        self._name_rules = store if isinstance(store, ChecksNames) else None
         self.cfg = cfg
         self.spool = spool
         self._spawn = spawn

@@ -29,7 +29,7 @@ from blobfs.fs.inodes import Inode, valid_name
 from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr, DirEntry, DirStream, Listing
 from blobfs.fs.writer import new_stream
-from blobfs.store.base import ChecksNames, put_bytes
+from blobfs.store.base import put_bytes
 from blobfs.tasks import gather
 from blobfs.types import META_STREAM, Fh, ObjectMeta
 
@@ -58,8 +58,8 @@ class Namespace(CoreParts):
             raise FsError(errno.EINVAL, f"invalid name {name!r}")
         # Names the store would rewrite into another key (Azure: '\\' -> '/'): refused
         # before any store call, or a write could land on another file.
-        store = self.store
-        why = store.name_problem(name) if isinstance(store, ChecksNames) else None
+        rules = self._name_rules
+        why = rules.name_problem(name) if rules is not None else None
         if why:
             raise FsError(errno.EINVAL, f"invalid name {name!r}: {why}", logging.INFO)
         try:

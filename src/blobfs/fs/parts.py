@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from blobfs.fs.records import Attr, Handle, Listing, Stats
     from blobfs.fs.spool import Spool
     from blobfs.fs.writer import FileWriter
-    from blobfs.store.base import ObjectStore
+    from blobfs.store.base import ChecksNames, ObjectStore
     from blobfs.types import Fh, Ino, ObjectMeta
 
 
@@ -30,6 +30,7 @@ class CoreParts(Protocol):
     """The state `Filesystem.__init__` builds and the methods one part calls in another."""
 
     store: ObjectStore
+    _name_rules: ChecksNames | None
     cfg: MountConfig
     spool: Spool
     inodes: InodeTable
