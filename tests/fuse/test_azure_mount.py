@@ -1,5 +1,5 @@
-"""Azure through a real mount (Azurite): the cost of an append, the block-count bound,
-blobs other tools wrote, and the mount-time errors (semantics §2, §3, §5).
+"""Azure through a real mount (Azurite): the cost of an append, the block-count bound and
+blobs other tools wrote (semantics §2, §3); the mount-time errors are in test_mount_errors.
 
 A counting `Proxy` sits between the mount and Azurite (the mount's endpoint is the proxy),
 so the test sees every request the daemon makes and every byte it uploads. "Another tool"
@@ -8,10 +8,8 @@ is the plain Azure SDK.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +22,8 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 from blobfs.store.azure.layout import DEFAULT_API_VERSION, max_committed_blocks
 from tests.conftest import make_store_env
 from tests.support import azure_env
-from tests.support.envs import StoreEnv, free_port
-from tests.support.mounting import blobfs_cmd, mount_env, mounted
+from tests.support.envs import StoreEnv
+from tests.support.mounting import mounted
 from tests.support.proxy import Proxy
 
 KiB = 1 << 10
@@ -166,69 +164,3 @@ def test_open_handle_follows_appends_proven_by_block_list(
             if not chunk:
                 time.sleep(0.05)  # polling a remote condition, like tail -f
 
-
-def mount_error(env: StoreEnv, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir(exist_ok=True)
-    cmd = blobfs_cmd(
-        "mount",
-        env.url,
-        str(mnt),
-        "-f",
-        "-o",
-        ",".join([f"cache_dir={tmp_path / 'cache'}", *env.options]),
-    )
-    return subprocess.run(cmd, env=mount_env(env), capture_output=True, text=True, timeout=120)
-
-
-def test_missing_container_is_a_one_line_mount_error(
-    azurite: azure_env.Azurite, tmp_path: Path
-) -> None:
-    env = StoreEnv(
-        "az",
-        "az://no-such-container-here/x",
-        env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string},
-        options=[f"endpoint={azurite.endpoint}"],
-        endpoint=azurite.endpoint,
-    )
-    result = mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "no-such-container-here" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert azure_env.ACCOUNT_KEY not in result.stderr + result.stdout
-
-
-def test_bad_key_is_a_one_line_mount_error_without_the_key(
-    azurite: azure_env.Azurite, azenv: StoreEnv, tmp_path: Path
-) -> None:
-    bad_key = base64.b64encode(b"definitely not the key" * 3).decode()
-    conn = azure_env.connection_string(azurite.endpoint, key=bad_key)
-    env = StoreEnv(
-        "az",
-        azenv.url,
-        env={"AZURE_STORAGE_CONNECTION_STRING": conn},
-        options=list(azenv.options),
-        endpoint=azenv.endpoint,
-    )
-    result = mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "denied" in result.stderr.lower() and container_of(azenv) in result.stderr
-    assert bad_key not in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr + result.stdout
-
-
-def test_unreachable_endpoint_is_a_one_line_mount_error(
-    azurite: azure_env.Azurite, tmp_path: Path
-) -> None:
-    endpoint = f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}"
-    env = StoreEnv(
-        "az",
-        "az://somewhere/x",
-        env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string},
-        options=[f"endpoint={endpoint}"],
-        endpoint=endpoint,
-    )
-    result = mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "127.0.0.1" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout

@@ -1,4 +1,5 @@
-"""S3 through a real mount: the cost of an append (semantics §2) and the mount-time errors.
+"""S3 through a real mount: the cost of an append (semantics §2); the mount-time errors
+are in test_mount_errors.
 
 A counting `Proxy` sits between the mount and the server (moto, and Ceph RGW: a real S3
 server), so the test sees every request the daemon makes and every byte it uploads.
@@ -15,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests.support import s3_env
-from tests.support.envs import StoreEnv, free_port
-from tests.support.mounting import blobfs_cmd, mount_env, mounted
+from tests.support.envs import StoreEnv
+from tests.support.mounting import mounted
 from tests.support.proxy import Proxy
-from tests.support.s3_env import MotoServer, s3_operation
+from tests.support.s3_env import s3_operation
 
 MiB = 1 << 20
 #: Open-append-close cycles per server in the append-cost test.
@@ -69,36 +70,3 @@ def test_appends_to_a_64_mib_blob_upload_only_the_new_bytes(
           f"({(sent - appended) / cycles:.0f} overhead/append), "
           f"{writes_total / cycles:.2f} write requests/append")
 
-
-def _mount_error(env: StoreEnv, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir(exist_ok=True)
-    cmd = blobfs_cmd("mount", env.url, str(mnt), "-f", "-o",
-                     ",".join([f"cache_dir={tmp_path / 'cache'}", *env.options]))
-    return subprocess.run(cmd, env=mount_env(env), capture_output=True, text=True, timeout=60)
-
-
-def test_missing_bucket_is_a_one_line_mount_error(moto: MotoServer, tmp_path: Path) -> None:
-    env = s3_env.env_for(moto.url, "no-such-bucket-anywhere", moto.url)
-    result = _mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "no-such-bucket-anywhere" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-
-
-def test_unreachable_endpoint_is_a_one_line_mount_error(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    env = s3_env.env_for(url, "some-bucket", url)
-    result = _mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "127.0.0.1" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-
-
-def test_bad_credentials_are_a_one_line_mount_error(tmp_path: Path) -> None:
-    with s3_env.server(tmp_path, auth=True) as strict:
-        env = s3_env.env_for(strict.url, "some-bucket", strict.url)
-        result = _mount_error(env, tmp_path)
-    assert result.returncode != 0
-    assert "denied" in result.stderr and "some-bucket" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
