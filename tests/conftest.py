@@ -138,9 +138,32 @@ def s3_server_proxy(s3_server: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def proxy(moto: Any) -> Iterator[Any]:
-    """A counting proxy in front of the moto server (Azure tests define their own)."""
+def moto_proxy(moto: Any) -> Iterator[Any]:
+    """A counting proxy in front of the moto server."""
     from tests.support.proxy import Proxy
 
     with Proxy(moto.url) as p:
+        yield p
+
+
+# --- Azure on Azurite, shared by the Azure store and mount tests ----------------------------
+@pytest.fixture
+def azurite(server_for: Callable[[str], Any]) -> Any:
+    return server_for("az")
+
+
+@pytest.fixture
+def azenv(server_for: Callable[[str], Any]) -> StoreEnv:
+    return make_store_env(server_for, "az")
+
+
+@pytest.fixture
+def azurite_proxy(azurite: Any) -> Iterator[Any]:
+    """A counting proxy in front of Azurite (the store endpoint through it is
+    `{proxy.url}/{azure_env.ACCOUNT}`: Azurite's accounts are path-style)."""
+    from urllib.parse import urlsplit
+
+    from tests.support.proxy import Proxy
+
+    with Proxy(f"http://{urlsplit(azurite.endpoint).netloc}") as p:
         yield p

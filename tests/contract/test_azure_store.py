@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -77,11 +77,6 @@ class Box:
 
 
 @pytest.fixture
-def azurite(server_for: Callable[[str], Any]) -> azure_env.Azurite:
-    return server_for("az")
-
-
-@pytest.fixture
 async def box(azurite: azure_env.Azurite, request: pytest.FixtureRequest) -> AsyncIterator[Box]:
     container = azure_env.container_name(f"{request.node.name}-{os.getpid()}-{random.random()}")
     azure_env.create_container(azurite, container)
@@ -120,13 +115,6 @@ async def box(azurite: azure_env.Azurite, request: pytest.FixtureRequest) -> Asy
         for store in stores:
             await store.aclose()
         service.close()
-
-
-@pytest.fixture
-def proxy(azurite: azure_env.Azurite) -> Iterator[Proxy]:
-    parts = urlsplit(azurite.endpoint)
-    with Proxy(f"http://{parts.netloc}") as p:
-        yield p
 
 
 def proxied(proxy: Proxy) -> str:
@@ -255,14 +243,14 @@ async def test_block_ids_are_never_reused(box: Box) -> None:
 
 
 # --- trap 4: the API version ---------------------------------------------------------------------
-async def test_api_version_is_pinned_and_configurable(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy))
+async def test_api_version_is_pinned_and_configurable(box: Box, azurite_proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy))
     await store.check()
-    assert {r.headers.get("x-ms-version") for r in proxy.records} == {DEFAULT_API_VERSION}
-    proxy.reset()
-    other = box.make(endpoint=proxied(proxy), api_version="2021-08-06")
+    assert {r.headers.get("x-ms-version") for r in azurite_proxy.records} == {DEFAULT_API_VERSION}
+    azurite_proxy.reset()
+    other = box.make(endpoint=proxied(azurite_proxy), api_version="2021-08-06")
     await other.check()
-    assert {r.headers.get("x-ms-version") for r in proxy.records} == {"2021-08-06"}
+    assert {r.headers.get("x-ms-version") for r in azurite_proxy.records} == {"2021-08-06"}
     with pytest.raises(UsageError, match="API version"):
         box.make(api_version="1999-01-01")
 
@@ -320,8 +308,8 @@ async def test_rebase_after_another_commit_restages_everything(box: Box) -> None
     assert await read_all(store, v3) == base_data + theirs + ours
 
 
-async def test_vanished_staged_blocks_are_staged_again(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+async def test_vanished_staged_blocks_are_staged_again(box: Box, azurite_proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy), block_size=SMALL_BLOCK)
     data = os.urandom(3 * SMALL_BLOCK + 10)
     up = store.begin_upload("v", None, BytesSource(data))
     for off in range(0, 3 * SMALL_BLOCK, SMALL_BLOCK):
@@ -334,17 +322,19 @@ async def test_vanished_staged_blocks_are_staged_again(box: Box, proxy: Proxy) -
             return error_response(400, "InvalidBlockList")
         return None
 
-    proxy.hook = hook
-    proxy.reset()
+    azurite_proxy.hook = hook
+    azurite_proxy.reset()
     meta = await up.commit(len(data), [Range(0, len(data))], {})
     assert refused
-    puts = [r for r in proxy.records if r.method == "PUT" and is_block_put(r.target)]
+    puts = [r for r in azurite_proxy.records if r.method == "PUT" and is_block_put(r.target)]
     assert len(puts) == 1 + 4  # the tail, then all four blocks again
     assert await read_all(store, meta) == data
 
 
 # --- trap 7: no Put Block From URL -------------------------------------------------------------
-async def test_merges_use_local_bytes_not_put_block_from_url(box: Box, proxy: Proxy) -> None:
+async def test_merges_use_local_bytes_not_put_block_from_url(
+    box: Box, azurite_proxy: Proxy
+) -> None:
     raw = box.blob("src")
     raw.upload_blob(b"abc")
     with pytest.raises(HttpResponseError) as info:
@@ -352,7 +342,7 @@ async def test_merges_use_local_bytes_not_put_block_from_url(box: Box, proxy: Pr
     assert info.value.status_code == 501
     assert isinstance(classify(info.value), BadRequest)  # permanent: never retried
 
-    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    store = box.make(endpoint=proxied(azurite_proxy), block_size=SMALL_BLOCK)
     data = b""
     meta = await put_bytes(store, "m", data, base=None, metadata={META_STREAM: "s"})
     for i in range(200):
@@ -360,14 +350,18 @@ async def test_merges_use_local_bytes_not_put_block_from_url(box: Box, proxy: Pr
         meta = await append(store, meta, data, add)
         data += add
     assert await read_all(store, meta) == data
-    assert not any("x-ms-copy-source" in r.headers for r in proxy.records)
-    ranged_gets = [r for r in proxy.records if r.method == "GET" and "x-ms-range" in r.headers]
+    assert not any("x-ms-copy-source" in r.headers for r in azurite_proxy.records)
+    ranged_gets = [
+        r for r in azurite_proxy.records if r.method == "GET" and "x-ms-range" in r.headers
+    ]
     assert ranged_gets, "merges read the merged blocks back"
 
 
-async def test_streaming_append_uploads_each_full_block_once(box: Box, proxy: Proxy) -> None:
+async def test_streaming_append_uploads_each_full_block_once(
+    box: Box, azurite_proxy: Proxy
+) -> None:
     """A full block staged at the base's end takes in the small tail blocks at once."""
-    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+    store = box.make(endpoint=proxied(azurite_proxy), block_size=SMALL_BLOCK)
     data = b""
     meta = await put_bytes(store, "s", data, base=None, metadata={META_STREAM: "s"})
     for n in (4000, 1500, 600, 200):  # a ladder of small tail blocks
@@ -379,7 +373,7 @@ async def test_streaming_append_uploads_each_full_block_once(box: Box, proxy: Pr
     for _ in range(3):  # three commits of a stream, each one full block plus a bit
         new = os.urandom(SMALL_BLOCK + 333)
         before = store.staged_bytes
-        proxy.reset()
+        azurite_proxy.reset()
         up = store.begin_upload("s", meta, BytesSource(new, len(data)))
         await up.stage(len(data), new[:SMALL_BLOCK])
         meta = await up.commit(
@@ -406,18 +400,20 @@ async def test_streaming_append_uploads_each_full_block_once(box: Box, proxy: Pr
 
 # --- the block-count bound --------------------------------------------------------------------
 @pytest.mark.slow
-async def test_1000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy), block_size=SMALL_BLOCK)
+async def test_1000_tiny_appends_keep_the_block_count_bounded(
+    box: Box, azurite_proxy: Proxy
+) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy), block_size=SMALL_BLOCK)
     data = b""
     meta = await put_bytes(store, "tiny", data, base=None, metadata={META_STREAM: "s"})
     appended = 0
     plain_commits = 0
-    proxy.reset()
+    azurite_proxy.reset()
     for i in range(1000):  # the 3,000-append run goes through a real mount
         add = f"{i:05d} {'.' * (i % 40)}\n".encode()
-        first = len(proxy.records)
+        first = len(azurite_proxy.records)
         meta = await append(store, meta, data, add)
-        records = proxy.records[first:]
+        records = azurite_proxy.records[first:]
         data += add
         appended += len(add)
         merged = any(r.method == "GET" for r in records)
@@ -434,7 +430,7 @@ async def test_1000_tiny_appends_keep_the_block_count_bounded(box: Box, proxy: P
     blocks = box.committed("tiny")
     assert len(blocks) <= len(data) // SMALL_BLOCK + SMALL_BLOCK.bit_length()
     assert sum(b.size for b in blocks) == len(data)
-    stats = proxy.stats()
+    stats = azurite_proxy.stats()
     assert plain_commits >= 300
     assert stats["write_requests"] <= 2 * 1000 + 1
     assert store.staged_bytes <= (SMALL_BLOCK.bit_length() + 2) * appended
@@ -533,17 +529,21 @@ async def test_account_key_and_sas_token_credentials(box: Box) -> None:
     assert await read_all(keyed, await keyed.head("c")) == b"by key and SAS"
 
 
-async def test_sas_in_a_connection_string_and_endpoint_override(box: Box, proxy: Proxy) -> None:
+async def test_sas_in_a_connection_string_and_endpoint_override(
+    box: Box, azurite_proxy: Proxy
+) -> None:
     conn = (
         f"BlobEndpoint=http://127.0.0.1:1/{azure_env.ACCOUNT};"
         f"SharedAccessSignature={sas_token(box)}"
     )
     # The connection string names a dead endpoint; -o endpoint= wins (here: the proxy).
-    store = box.make(endpoint=proxied(proxy), environ={"AZURE_STORAGE_CONNECTION_STRING": conn})
+    store = box.make(
+        endpoint=proxied(azurite_proxy), environ={"AZURE_STORAGE_CONNECTION_STRING": conn}
+    )
     await store.check()
     meta = await put_bytes(store, "c", b"via SAS", base=None, metadata={})
     assert await read_all(store, meta) == b"via SAS"
-    assert proxy.records and sas_token(box).split("&sig=")[0] not in store.display
+    assert azurite_proxy.records and sas_token(box).split("&sig=")[0] not in store.display
 
 
 async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureFixture) -> None:
@@ -581,10 +581,10 @@ async def test_bad_sas_token_never_shows_up(box: Box, caplog: pytest.LogCaptureF
     assert forged_sig not in store.display
 
 
-async def test_transient_faults_are_retried(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy), retry_timeout=30.0)
+async def test_transient_faults_are_retried(box: Box, azurite_proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy), retry_timeout=30.0)
     plan = FaultPlan(rate=0.3, kinds=("500", "503", "reset"), seed=7)
-    proxy.faults = plan
+    azurite_proxy.faults = plan
     data = b""
     meta = await put_bytes(store, "f", data, base=None, metadata={META_STREAM: "s"})
     for i in range(30):
@@ -597,17 +597,19 @@ async def test_transient_faults_are_retried(box: Box, proxy: Proxy) -> None:
     assert sum(plan.injected.values()) > 5
 
 
-async def test_commit_that_landed_before_a_reset_is_not_a_conflict(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy))
+async def test_commit_that_landed_before_a_reset_is_not_a_conflict(
+    box: Box, azurite_proxy: Proxy
+) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy))
     v1 = await put_bytes(store, "once", b"a", base=None, metadata={META_STREAM: "s"})
-    proxy.faults = FaultPlan(
+    azurite_proxy.faults = FaultPlan(
         rate=1.0,
         kinds=("reset_after",),
         limit=1,
         match=lambda r: r.method == "PUT" and is_block_list_put(r.target),
     )
     v2 = await append(store, v1, b"a", b"b")
-    assert proxy.faults.injected["reset_after"] == 1  # type: ignore[union-attr]
+    assert azurite_proxy.faults.injected["reset_after"] == 1  # type: ignore[union-attr]
     head = await store.head("once")
     assert head.etag == v2.etag
     assert await read_all(store, head) == b"ab"
@@ -625,19 +627,19 @@ async def test_commit_that_landed_before_a_reset_is_not_a_conflict(box: Box, pro
     ],
 )
 async def test_service_errors_are_classified(
-    box: Box, proxy: Proxy, status: int, code: str, expected: type[StoreError]
+    box: Box, azurite_proxy: Proxy, status: int, code: str, expected: type[StoreError]
 ) -> None:
-    store = box.make(endpoint=proxied(proxy), retry_timeout=1.0)
-    proxy.hook = lambda req: error_response(status, code)
+    store = box.make(endpoint=proxied(azurite_proxy), retry_timeout=1.0)
+    azurite_proxy.hook = lambda req: error_response(status, code)
     with pytest.raises(expected) as info:
         await put_bytes(store, "k", b"data", base=None, metadata={})
     assert type(info.value).__module__ == "blobfs.errors"
     assert info.value.__cause__ is None
 
 
-async def test_throttling_gives_up_as_unavailable(box: Box, proxy: Proxy) -> None:
-    store = box.make(endpoint=proxied(proxy), retry_timeout=0.5)
-    proxy.hook = lambda req: error_response(503, "ServerBusy")
+async def test_throttling_gives_up_as_unavailable(box: Box, azurite_proxy: Proxy) -> None:
+    store = box.make(endpoint=proxied(azurite_proxy), retry_timeout=0.5)
+    azurite_proxy.hook = lambda req: error_response(503, "ServerBusy")
     with pytest.raises(StoreUnavailable):
         await store.head("k")
-    assert len(proxy.records) >= 2
+    assert len(azurite_proxy.records) >= 2

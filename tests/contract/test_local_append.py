@@ -8,11 +8,9 @@ An append a crash cut short is undone before anyone sees it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from blobfs.config import StoreConfig
 from blobfs.errors import PreconditionFailed
 from blobfs.store.base import BytesSource, Range, put_bytes, read_all
 from blobfs.store.local import LocalStore
@@ -21,55 +19,47 @@ from blobfs.types import META_STREAM
 MiB = 1 << 20
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> LocalStore:
-    root = tmp_path / "store"
-    root.mkdir()
-    s = LocalStore(root, StoreConfig())
-    await s.check()
-    return s
-
-
-async def test_append_commit_writes_in_place_and_rewrite_goes_aside(store: LocalStore) -> None:
+async def test_append_commit_writes_in_place_and_rewrite_goes_aside(
+        local_store: LocalStore) -> None:
     base_data = os.urandom(4 * MiB)
-    meta = await put_bytes(store, "log", base_data, base=None, metadata={META_STREAM: "s1"})
-    path = store.root / "log"
+    meta = await put_bytes(local_store, "log", base_data, base=None, metadata={META_STREAM: "s1"})
+    path = local_store.root / "log"
     ino = path.stat().st_ino
     blocks_before = path.stat().st_blocks
     extra = b"one more line\n"
-    upload = store.begin_upload("log", meta, BytesSource(extra, meta.size))
+    upload = local_store.begin_upload("log", meta, BytesSource(extra, meta.size))
     grown = await upload.commit(meta.size + len(extra), [Range(meta.size, len(extra))],
                                 {META_STREAM: "s1"})
     # The same file, grown: no copy of the 4 MiB base (a copy is a new inode).
     assert path.stat().st_ino == ino
     assert path.stat().st_blocks - blocks_before < 64
     assert grown.size == meta.size + len(extra) and grown.etag != meta.etag
-    assert await read_all(store, grown) == base_data + extra
+    assert await read_all(local_store, grown) == base_data + extra
     # A reader pinned to the shorter version is told it moved, and that it was an append.
     with pytest.raises(PreconditionFailed):
-        await store.read("log", meta.etag, 0, 10)
-    assert await store.proves_append(meta, grown)
+        await local_store.read("log", meta.etag, 0, 10)
+    assert await local_store.proves_append(meta, grown)
     # A stale base cannot append.
-    late = store.begin_upload("log", meta, BytesSource(b"x", meta.size))
+    late = local_store.begin_upload("log", meta, BytesSource(b"x", meta.size))
     with pytest.raises(PreconditionFailed):
         await late.commit(meta.size + 1, [Range(meta.size, 1)], {META_STREAM: "s1"})
-    assert await read_all(store, await store.head("log")) == base_data + extra
+    assert await read_all(local_store, await local_store.head("log")) == base_data + extra
     # A rewrite of old bytes is written aside and renamed over the key.
-    upload = store.begin_upload("log", grown, BytesSource(b"X", 0))
+    upload = local_store.begin_upload("log", grown, BytesSource(b"X", 0))
     rewritten = await upload.commit(grown.size, [Range(0, 1)], {META_STREAM: "s2"})
     assert path.stat().st_ino != ino
-    assert await read_all(store, rewritten) == b"X" + base_data[1:] + extra
-    assert list((store.root / ".blobfs" / "tmp").iterdir()) == []
+    assert await read_all(local_store, rewritten) == b"X" + base_data[1:] + extra
+    assert list((local_store.root / ".blobfs" / "tmp").iterdir()) == []
 
 
-async def test_an_append_cut_short_by_a_crash_is_undone(store: LocalStore) -> None:
-    meta = await put_bytes(store, "log", b"committed\n", base=None, metadata={})
-    path = store.root / "log"
+async def test_an_append_cut_short_by_a_crash_is_undone(local_store: LocalStore) -> None:
+    meta = await put_bytes(local_store, "log", b"committed\n", base=None, metadata={})
+    path = local_store.root / "log"
     # What a daemon killed in the middle of `append_sync` leaves: the marker and a part.
     os.setxattr(path, "user.blobfs.appending", str(meta.size).encode())
     with open(path, "ab") as f:
         f.write(b"half a li")
-    head = await store.head("log")
+    head = await local_store.head("log")
     assert head.size == meta.size
     assert path.read_bytes() == b"committed\n"
-    assert await read_all(store, head) == b"committed\n"
+    assert await read_all(local_store, head) == b"committed\n"

@@ -21,11 +21,6 @@ from tests.core.harness import read_file, running_fs, write_file
 MiB = 1 << 20
 
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest) -> MemoryStore:
-    return MemoryStore(f"core-{request.node.name}-{os.getpid()}")
-
-
 async def test_close_commits_and_reads_back(store: MemoryStore, tmp_path: Path) -> None:
     async with running_fs(store, tmp_path) as fs:
         await write_file(fs, "a.txt", b"hello")

@@ -7,7 +7,6 @@ import os
 import random
 from pathlib import Path
 
-import pytest
 import trio
 
 from blobfs.fs.cache import CACHE_BLOCK
@@ -32,9 +31,8 @@ class _CountingStore(MemoryStore):
         return await super().read(key, etag, off, size)
 
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest) -> _CountingStore:
-    return _CountingStore(f"ra-{request.node.name}-{os.getpid()}")
+#: The `store` fixture (tests/core/conftest.py) is a _CountingStore here.
+STORE_CLASS = _CountingStore
 
 
 async def _read_at(fs: Filesystem, fh: int, offsets: list[int], size: int) -> dict[int, bytes]:

@@ -38,9 +38,8 @@ class GatedStore(MemoryStore):
         return data
 
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest) -> GatedStore:
-    return GatedStore(f"core-{request.node.name}-{os.getpid()}")
+#: The `store` fixture (tests/core/conftest.py) is a GatedStore here.
+STORE_CLASS = GatedStore
 
 
 async def test_read_while_a_commit_finishes_returns_the_new_bytes(

@@ -20,13 +20,6 @@ from tests.core.harness import running_fs
 pytestmark = pytest.mark.trio
 
 
-@pytest.fixture
-def store() -> MemoryStore:
-    import uuid
-
-    return MemoryStore(name=uuid.uuid4().hex)
-
-
 class _LostReply:
     """A store whose recovered-copy puts land but whose replies get lost (a reset after
     the server applied the request): recovery sees a failure for a copy that exists."""

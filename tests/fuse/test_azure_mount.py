@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
 from blobfs.store.azure.layout import DEFAULT_API_VERSION, max_committed_blocks
-from tests.conftest import make_store_env
 from tests.support import azure_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
@@ -28,22 +26,6 @@ from tests.support.proxy import Proxy
 
 KiB = 1 << 10
 BLOCK = 64 * KiB  # the smallest block_size: 3,000 short lines cross full blocks
-
-
-@pytest.fixture
-def azurite(server_for: Callable[[str], Any]) -> azure_env.Azurite:
-    return server_for("az")
-
-
-@pytest.fixture
-def azenv(server_for: Callable[[str], Any]) -> StoreEnv:
-    return make_store_env(server_for, "az")
-
-
-@pytest.fixture
-def proxy(azurite: azure_env.Azurite) -> Iterator[Proxy]:
-    with Proxy(f"http://{urlsplit(azurite.endpoint).netloc}") as p:
-        yield p
 
 
 @pytest.fixture
@@ -74,10 +56,10 @@ def is_comp(target: str, comp: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_3000_appends_through_the_mount_cost_only_the_new_bytes(
-    azenv: StoreEnv, proxy: Proxy, raw: ContainerClient, tmp_path: Path
+    azenv: StoreEnv, azurite_proxy: Proxy, raw: ContainerClient, tmp_path: Path
 ) -> None:
     """3,000 open-append-close cycles of a short line: exact content, bounded blocks."""
-    env = via(azenv, f"{proxy.url}/{azure_env.ACCOUNT}")
+    env = via(azenv, f"{azurite_proxy.url}/{azure_env.ACCOUNT}")
     expect = bytearray()
     rows: list[tuple[int, int, int, int, bool]] = []  # line, bytes up, writes, staged, merged
     with mounted(env, tmp_path, f"block_size={BLOCK}") as m:
@@ -85,11 +67,11 @@ def test_3000_appends_through_the_mount_cost_only_the_new_bytes(
         target.write_bytes(b"")
         for i in range(3000):
             line = b"%05d an application log line %s\n" % (i, b"." * (i % 23))
-            proxy.reset()
+            azurite_proxy.reset()
             with open(target, "ab") as f:  # close waits for the commit (close=sync)
                 f.write(line)
             expect += line
-            records = list(proxy.records)
+            records = list(azurite_proxy.records)
             writes = [r for r in records if r.method in ("PUT", "POST", "DELETE")]
             staged = sum(r.bytes_up for r in writes if is_comp(r.target, "block"))
             merged = any(r.method == "GET" and "x-ms-range" in r.headers for r in records)

@@ -22,14 +22,14 @@ IDLE_SECONDS = 4.0
 
 
 def test_idle_open_files_cost_no_requests(
-    s3env: StoreEnv, proxy: Proxy, moto: MotoServer, tmp_path: Path,
+    s3env: StoreEnv, moto_proxy: Proxy, moto: MotoServer, tmp_path: Path,
 ) -> None:
     """200 open files (readers at EOF, appenders with nothing pending) on one S3 mount."""
     bucket = s3_env.bucket_of(s3env)
     client = moto.client()
     for i in range(READERS):
         client.put_object(Bucket=bucket, Key=f"pfx/r/{i:03d}.log", Body=b"line\n" * (i + 1))
-    env = s3_env.env_for(proxy.url, bucket, proxy.url)
+    env = s3_env.env_for(moto_proxy.url, bucket, moto_proxy.url)
     with mounted(env, tmp_path) as m:
         (m.path / "w").mkdir()
         files = []
@@ -44,9 +44,9 @@ def test_idle_open_files_cost_no_requests(
                 f.write(b"started\n")
                 f.flush()
                 os.fsync(f.fileno())  # committed: nothing pending
-            proxy.reset()
+            moto_proxy.reset()
             time.sleep(IDLE_SECONDS)
-            stats = proxy.stats()
+            stats = moto_proxy.stats()
         finally:
             for f in files:
                 f.close()
