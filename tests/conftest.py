@@ -128,22 +128,24 @@ def s3_server_env(s3_kind: str, server_for: Callable[[str], Any]) -> StoreEnv:
     return make_store_env(server_for, s3_kind)
 
 
+def _counting_proxy(target: str) -> Iterator[Any]:
+    """A counting `Proxy` to `target` (scheme://host:port), stopped when the test ends."""
+    from tests.support.proxy import Proxy
+
+    with Proxy(target) as p:
+        yield p
+
+
 @pytest.fixture
 def s3_server_proxy(s3_server: Any) -> Iterator[Any]:
     """A counting proxy in front of `s3_server`."""
-    from tests.support.proxy import Proxy
-
-    with Proxy(s3_server.url) as p:
-        yield p
+    yield from _counting_proxy(s3_server.url)
 
 
 @pytest.fixture
 def moto_proxy(moto: Any) -> Iterator[Any]:
     """A counting proxy in front of the moto server."""
-    from tests.support.proxy import Proxy
-
-    with Proxy(moto.url) as p:
-        yield p
+    yield from _counting_proxy(moto.url)
 
 
 # --- Azure on Azurite, shared by the Azure store and mount tests ----------------------------
@@ -163,7 +165,4 @@ def azurite_proxy(azurite: Any) -> Iterator[Any]:
     `{proxy.url}/{azure_env.ACCOUNT}`: Azurite's accounts are path-style)."""
     from urllib.parse import urlsplit
 
-    from tests.support.proxy import Proxy
-
-    with Proxy(f"http://{urlsplit(azurite.endpoint).netloc}") as p:
-        yield p
+    yield from _counting_proxy(f"http://{urlsplit(azurite.endpoint).netloc}")

@@ -91,6 +91,21 @@ def raw_put(moto: MotoServer, env: StoreEnv, key: str, data: bytes) -> str:
     return str(resp["ETag"])
 
 
+def race_before(proxy: Proxy, moto: MotoServer, env: StoreEnv, kind: str | None, key: str,
+                data: bytes) -> S3Conditions:
+    """S3's conditions enforced on `proxy`, and another writer that puts `data` at `key`
+    straight to moto just before a request of `kind` (any, when None) goes through."""
+    conditions = S3Conditions(moto.url)
+
+    def other_writer(seen: str, req: ProxyRequest) -> None:
+        if kind is None or seen == kind:
+            raw_put(moto, env, key, data)
+
+    conditions.before = other_writer
+    proxy.hook = conditions
+    return conditions
+
+
 # --- commit layouts on the wire -----------------------------------------------------------------
 async def test_small_commit_is_one_conditional_put(s3_store: S3Store, moto_proxy: Proxy) -> None:
     v1 = await put_bytes(s3_store, "small", b"x" * 1000, base=None, metadata=LINEAGE)
@@ -291,14 +306,8 @@ async def test_writer_slipping_in_before_complete_is_caught_by_if_match(
 ) -> None:
     """The HEAD check passes; another writer commits; S3's If-Match on Complete holds."""
     v1 = await put_bytes(s3_store, "race", os.urandom(8 * MiB), base=None, metadata=LINEAGE)
-    conditions = S3Conditions(moto.url)
-
-    def other_writer(kind: str, req: ProxyRequest) -> None:
-        if kind == "complete":
-            raw_put(moto, s3env, "race", b"the other writer won")
-
-    conditions.before = other_writer
-    moto_proxy.hook = conditions
+    conditions = race_before(moto_proxy, moto, s3env, "complete", "race",
+                             b"the other writer won")
     up = s3_store.begin_upload("race", v1, BytesSource(b"ours", v1.size))
     with pytest.raises(PreconditionFailed):
         await up.commit(v1.size + 4, [Range(v1.size, 4)], LINEAGE)
@@ -313,14 +322,8 @@ async def test_base_changing_under_upload_part_copy_is_caught(
     s3_store: S3Store, moto_proxy: Proxy, moto: MotoServer, s3env: StoreEnv,
 ) -> None:
     v1 = await put_bytes(s3_store, "cp", os.urandom(8 * MiB), base=None, metadata=LINEAGE)
-    conditions = S3Conditions(moto.url)
-
-    def other_writer(kind: str, req: ProxyRequest) -> None:
-        if kind == "upload_part_copy":
-            raw_put(moto, s3env, "cp", os.urandom(9 * MiB))
-
-    conditions.before = other_writer
-    moto_proxy.hook = conditions
+    conditions = race_before(moto_proxy, moto, s3env, "upload_part_copy", "cp",
+                             os.urandom(9 * MiB))
     up = s3_store.begin_upload("cp", v1, BytesSource(b"ours", v1.size))
     with pytest.raises(PreconditionFailed):
         await up.commit(v1.size + 4, [Range(v1.size, 4)], LINEAGE)
@@ -333,13 +336,7 @@ async def test_copy_is_conditional_on_the_wire(
     s3_store: S3Store, moto_proxy: Proxy, moto: MotoServer, s3env: StoreEnv,
 ) -> None:
     v1 = await put_bytes(s3_store, "src", b"payload", base=None, metadata={})
-    conditions = S3Conditions(moto.url)
-
-    def other_writer(kind: str, req: ProxyRequest) -> None:
-        raw_put(moto, s3env, "src", b"changed")
-
-    conditions.before = other_writer
-    moto_proxy.hook = conditions
+    conditions = race_before(moto_proxy, moto, s3env, None, "src", b"changed")
     with pytest.raises(PreconditionFailed):
         await s3_store.copy(v1, "dst", {})
     assert conditions.rejected["copy_object"] == 1

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import trio
 
-from blobfs.errors import FsError, StoreUnavailable
+from blobfs.errors import FsError, NotFound, StoreUnavailable
 from blobfs.store.base import put_bytes, read_all
 from blobfs.store.memory import MemoryStore
 from blobfs.types import META_STREAM
 from tests.core.harness import read_file, running_fs, write_file
+from tests.support.waiting import wait_until
 
 MiB = 1 << 20
 
@@ -54,14 +55,13 @@ async def test_timer_commits_open_file(store: MemoryStore, tmp_path: Path) -> No
     async with running_fs(store, tmp_path, commit_interval=0.05) as fs:
         fh, _ = await fs.create_file(1, "live", os.O_WRONLY | os.O_CREAT)
         await fs.write(fh, 0, b"line\n")
-        with trio.fail_after(5):
-            while True:
-                try:
-                    if (await store.head("live")).size == 5:
-                        break
-                except Exception:
-                    pass
-                await trio.sleep(0.01)
+        async def committed() -> bool:
+            try:
+                return (await store.head("live")).size == 5
+            except NotFound:  # no commit yet
+                return False
+
+        await wait_until(committed, 5, "the timer's commit of the open file")
         await fs.release(fh)
 
 
@@ -93,17 +93,14 @@ async def test_failing_commits_of_an_open_file_are_visible_and_retried(
     async with running_fs(store, tmp_path, commit_interval=0.02) as fs:
         fh, _ = await fs.create_file(1, "access.log", os.O_WRONLY | os.O_CREAT)
         await fs.write(fh, 0, b"GET / 200\n")
-        with trio.fail_after(20):
-            while not fs.failing() or fs.failing()[0][1] < 4:
-                await trio.sleep(0.01)
+        await wait_until(lambda: fs.failing() and fs.failing()[0][1] >= 4, 20,
+                         "four failed commits of access.log")
         key, failures, error = fs.failing()[0]
         assert key == "access.log" and "down" in error
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "access.log" in errors[0].getMessage(), errors
         store.down = False
-        with trio.fail_after(20):
-            while fs.failing():
-                await trio.sleep(0.01)
+        await wait_until(lambda: not fs.failing(), 20, "the failing commit to succeed")
         assert await read_all(store, await store.head("access.log")) == b"GET / 200\n"
         assert any("succeeded after" in r.getMessage() for r in caplog.records)
         await fs.release(fh)
@@ -116,9 +113,9 @@ async def test_full_blocks_are_staged_before_the_commit(store: MemoryStore,
         data = os.urandom(MiB + 1000)
         for off in range(0, len(data), 128 << 10):
             await fs.write(fh, off, data[off : off + (128 << 10)])
-        with trio.fail_after(10):  # four full blocks go up before any flush
-            while store.staged_bytes < MiB:
-                await trio.sleep(0.005)
+        # Four full blocks go up before any flush.
+        await wait_until(lambda: store.staged_bytes >= MiB, 10, "four blocks staged",
+                         interval=0.005)
         assert store.commits == 0
         await fs.flush(fh)
         await fs.release(fh)
@@ -305,6 +302,8 @@ async def test_blocks_filled_during_a_commit_are_staged_once(tmp_path: Path) -> 
             n.start_soon(fs.fsync, fh)
             await store.commit_started.wait()
             await fs.write(fh, len(first), second)  # lands in the next epoch
+            # Deliberate: time for a (wrong) staging against the old version to happen;
+            # nothing must have been staged when it has passed.
             await trio.sleep(0.05)
             staged_meanwhile = store.staged_bytes
             store.gate.set()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -23,6 +22,7 @@ from tests.support import azure_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.proxy import Proxy
+from tests.support.waiting import read_until
 
 KiB = 1 << 10
 BLOCK = 64 * KiB  # the smallest block_size: 3,000 short lines cross full blocks
@@ -137,12 +137,7 @@ def test_open_handle_follows_appends_proven_by_block_list(
         ids.append("blk-0002")
         blob.stage_block(ids[1], b"second line\n")
         blob.commit_block_list([BlobBlock(i) for i in ids])
-        seen = b""
-        deadline = time.monotonic() + 20
-        while seen != b"second line\n":
-            assert time.monotonic() < deadline, f"the handle never saw the append: {seen!r}"
-            chunk = f.read()  # ESTALE here would raise OSError and fail the test
-            seen += chunk or b""
-            if not chunk:
-                time.sleep(0.05)  # polling a remote condition, like tail -f
+        # ESTALE (or any read error) fails read_until.
+        assert read_until(f, len(b"second line\n"), 20) == b"second line\n"
+        assert f.read() == b"", "nothing after the appended line"
 

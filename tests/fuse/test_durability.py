@@ -73,7 +73,7 @@ def test_kill9_loses_no_acknowledged_byte(store_env: StoreEnv, tmp_path: Path) -
                      cache_dir=cache) as a:
             writer = Streamer(a.path / f"stream{trial}.log")
             writer.start()
-            time.sleep(rng.uniform(0.3, 1.5))
+            time.sleep(rng.uniform(0.3, 1.5))  # deliberate: the kill lands at a random time
             a.kill9()
             writer.join(10)
             assert not writer.is_alive()

@@ -102,7 +102,7 @@ class LineWriter(threading.Thread):
                     self.acked += line_for(self.tag, self.lines, self.scale)
                     self.lines += 1
                     if self.pause:
-                        time.sleep(self.pause)
+                        time.sleep(self.pause)  # deliberate: the writer's pace
                 return
             fd = os.open(self.path, flags, 0o644)
             try:
@@ -111,7 +111,7 @@ class LineWriter(threading.Thread):
                     self.acked += line_for(self.tag, self.lines, self.scale)
                     self.lines += 1
                     if self.pause:
-                        time.sleep(self.pause)
+                        time.sleep(self.pause)  # deliberate: the writer's pace
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -231,7 +231,8 @@ def test_endpoint_down_mid_stream_then_everything_arrives(
                 start = time.monotonic()
                 progress = [writer.lines]
                 while time.monotonic() - start < outage:
-                    # The outage lasts `outage` seconds; meanwhile the writer must never stall.
+                    # Deliberate: the outage lasts `outage` seconds; meanwhile the writer must
+                    # never stall (sampled each second).
                     time.sleep(1.0)
                     progress.append(writer.lines)
                     assert writer.error is None, writer.error
@@ -360,7 +361,8 @@ def test_two_mounts_append_whole_lines_to_one_blob(
         try:
             wait_for(lambda: all(w.lines >= 50 for w in writers) or
                      any(w.error for w in writers), 30, "both writers going")
-            end = time.monotonic() + CONTEST  # the length of the contest
+            # Deliberate: the contest lasts CONTEST seconds (cut short by a writer's error).
+            end = time.monotonic() + CONTEST
             while time.monotonic() < end and not any(w.error for w in writers):
                 time.sleep(0.1)
         finally:

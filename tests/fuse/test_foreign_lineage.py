@@ -22,6 +22,7 @@ from tests.conftest import make_store_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.outside import sdk_metadata, sdk_put
+from tests.support.waiting import read_until
 
 MiB = 1 << 20
 
@@ -31,24 +32,6 @@ def cloud_env(request: pytest.FixtureRequest, server_for: Callable[[str], Any]) 
     return make_store_env(server_for, request.param)
 
 
-def _read_until(f: Any, want: int, timeout: float) -> bytes:
-    """Read from the open file `f` until `want` more bytes came; fail on any error."""
-    got = b""
-    deadline = time.monotonic() + timeout
-    while len(got) < want:
-        try:
-            chunk = f.read(want - len(got))
-        except OSError as exc:
-            raise AssertionError(f"the open handle failed after {len(got)} new bytes: "
-                                 f"{errno.errorcode.get(exc.errno or 0, exc)}") from None
-        if chunk:
-            got += chunk
-            continue
-        assert time.monotonic() < deadline, f"only {len(got)} of {want} new bytes in {timeout}s"
-        time.sleep(0.1)
-    return got
-
-
 def test_append_onto_an_sdk_blob_is_followed_by_an_open_handle(cloud_env: StoreEnv,
                                                                tmp_path: Path) -> None:
     first = b"".join(b"line %04d written by another tool\n" % i for i in range(200))
@@ -56,7 +39,7 @@ def test_append_onto_an_sdk_blob_is_followed_by_an_open_handle(cloud_env: StoreE
     with mounted(cloud_env, tmp_path, name="a") as a, \
             mounted(cloud_env, tmp_path, name="b") as b, \
             open(b.path / "app.log", "rb", buffering=0) as held:
-        assert _read_until(held, len(first), 10) == first
+        assert read_until(held, len(first), 10) == first
         more = b""
         for i in range(3):
             line = b"line %04d appended through mount a\n" % i
@@ -64,7 +47,7 @@ def test_append_onto_an_sdk_blob_is_followed_by_an_open_handle(cloud_env: StoreE
                 f.write(line)
             more += line
             # The handle on B, at its end, follows each append: new bytes, no ESTALE.
-            assert _read_until(held, len(line), 10) == line
+            assert read_until(held, len(line), 10) == line
         with open(b.path / "app.log", "rb") as fresh:
             assert fresh.read() == first + more
 
@@ -82,7 +65,10 @@ def test_forged_lineage_gives_estale_not_mixed_bytes(cloud_env: StoreEnv,
             # copied from the version B read: its lineage claims an append.
             sdk_put(cloud_env, "data.bin", os.urandom(len(old) + 4096),
                     metadata=sdk_metadata(cloud_env, "data.bin"))
-            time.sleep(2.5)  # past metadata_ttl: B has seen the new version
+            # Deliberate: metadata_ttl (1 s) must pass so B's reads revalidate and meet the
+            # forged version; nothing outside the handle shows that without itself making
+            # B look the blob up, which is not the path under test.
+            time.sleep(2.5)
             with pytest.raises(OSError) as caught:
                 while True:
                     chunk = held.read(MiB)

@@ -47,14 +47,13 @@ def test_open_writer_lines_appear_on_other_mount(store_env: StoreEnv, tmp_path: 
                     f.write(f"line {i}\n")
                     f.flush()
                     written[i] = time.monotonic()
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # deliberate: a slow logger, one line per 0.1 s
                 done.wait(30)
 
         t = threading.Thread(target=writer)
         t.start()
         try:
-            deadline = time.monotonic() + 30
-            while len(seen) < 20 and time.monotonic() < deadline:
+            def all_seen() -> bool:
                 try:
                     text = (b.path / "live.log").read_text()
                 except FileNotFoundError:
@@ -63,7 +62,10 @@ def test_open_writer_lines_appear_on_other_mount(store_env: StoreEnv, tmp_path: 
                 for line in text.splitlines():
                     i = int(line.split()[1])
                     seen.setdefault(i, now)
-                time.sleep(0.05)
+                return len(seen) == 20
+
+            wait_for(all_seen, 30, lambda: f"20 lines on mount b (saw {sorted(seen)})",
+                     interval=0.05)
         finally:
             done.set()
             t.join()
@@ -85,9 +87,9 @@ def test_tail_f_follows_appends(store_env: StoreEnv, tmp_path: Path) -> None:
                 for i in range(50):
                     with open(a.path / "app.log", "a") as f:
                         f.write(f"entry {i:02d}\n")
-                    time.sleep(0.02)
+                    time.sleep(0.02)  # deliberate: the log grows while tail follows it
                 wait_for(lambda: out.read_text().count("\n") >= 50, 30)
-                time.sleep(1.5)  # nothing more (no duplicates) may arrive
+                time.sleep(1.5)  # deliberate: nothing more (no duplicates) may arrive
             finally:
                 tail.terminate()
                 tail.wait()

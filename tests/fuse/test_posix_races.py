@@ -21,7 +21,7 @@ import pytest
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.outside import list_keys, read_blob, replace_blob
-from tests.support.waiting import wait_for
+from tests.support.waiting import pread_is_stale, wait_for
 
 
 def spool_files(cache_dir: Path) -> list[str]:
@@ -53,7 +53,7 @@ def test_unlinked_open_file_keeps_its_data_and_stays_gone(store_env: StoreEnv, t
                 os.pwrite(fd, b"hi\n", 16)
             os.fsync(fd)
             assert os.pread(fd, 100, 0) == b"committed bytes\nhi\n"
-            time.sleep(0.5)  # several commit intervals: nothing may be committed
+            time.sleep(0.5)  # deliberate: several commit intervals in which nothing may commit
         finally:
             os.close(fd)
         assert not f.exists() and "f" not in os.listdir(m.path)
@@ -132,7 +132,7 @@ def test_two_mounts_create_one_log_with_o_append(store_env: StoreEnv, tmp_path: 
                 for n in range(lines):
                     os.write(fds[tag], b"%s %05d %s|\n" % (tag.encode(), n, b"." * (n % 97)))
                     if n % 10 == 0:
-                        time.sleep(0.01)
+                        time.sleep(0.01)  # deliberate: lets the two writers interleave
             except BaseException as exc:
                 errors.append(exc)
 
@@ -207,7 +207,9 @@ def test_directory_times_change_with_its_entries(file_env: StoreEnv, tmp_path: P
         for step in (lambda: (d / "a").write_bytes(b"1"),
                      lambda: os.rename(d / "a", d / "b"),
                      lambda: os.unlink(d / "b")):
-            time.sleep(0.01)
+            # The daemon stamps times from the wall clock: once it has moved past the last
+            # mtime, the next change must show a later one.
+            wait_for(lambda: time.time_ns() > seen[-1], 5, "the clock passing the last mtime")
             step()
             changed()
 
@@ -222,20 +224,17 @@ def test_repeated_failed_reads_log_once(file_env: StoreEnv, tmp_path: Path) -> N
         try:
             assert os.pread(fd, 10, 0) == b"version on"
             replace_blob(store_env, "r.log", b"something else\n" * 50)
-            failures = 0
             deadline = time.monotonic() + 30
-            while failures < 200 and time.monotonic() < deadline:
+
+            def stale_read() -> bool:
                 # Out of the kernel's page cache, so every read reaches the daemon.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                try:
-                    os.pread(fd, 10, 0)
-                except OSError as exc:
-                    assert exc.errno == errno.ESTALE
-                    failures += 1
-                else:
-                    assert failures == 0, "a stale handle read again"
-                    time.sleep(0.02)  # until the change is seen
-            assert failures == 200
+                return pread_is_stale(fd, 10, 0)
+
+            wait_for(stale_read, 30, "the first ESTALE after the blob was replaced")
+            for _ in range(199):
+                assert stale_read(), "a stale handle read again"
+            assert time.monotonic() < deadline, "200 failed reads took over 30 s"
         finally:
             os.close(fd)
         log = a.log()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
+from tests.support.waiting import wait_for
 
 BLOCK = 64 << 10  # a small block_size makes block boundaries matter with small files
 MAX_OFF = 5 * BLOCK
@@ -200,16 +201,18 @@ def run_differential(env: StoreEnv, tmp_path: Path, n_ops: int, check_every: int
                     # checkpoint, and it catches up with this one.
                     os.fsync(driver.f_rw)
                     want = model.read_bytes()
-                    deadline = time.monotonic() + 15
-                    while True:
+
+                    def caught_up(want: bytes = want, committed: bytes = committed) -> bool:
+                        nonlocal b_reads
                         got = read_whole(b.path / "f.bin", direct=b_reads % 2 == 0)
                         b_reads += 1
                         if got == want:
-                            break
+                            return True
                         assert got == committed, \
                             f"mount b read bytes of no version: {describe(got, want)}"
-                        assert time.monotonic() < deadline, "mount b never caught up"
-                        time.sleep(0.1)
+                        return False
+
+                    wait_for(caught_up, 15, "mount b catching up", interval=0.1)
                     committed = want
             driver.close()
         except BaseException as exc:

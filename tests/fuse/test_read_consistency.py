@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
-from tests.support.waiting import wait_for
+from tests.support.waiting import pread_is_stale, wait_for
 
 KiB = 1 << 10
 
@@ -69,7 +69,7 @@ def test_reads_during_background_commits_return_what_was_written(
                     f"{first_difference(got, bytes(model))}"
                 rounds += 1
                 if rounds % 20 == 0:
-                    time.sleep(0.15)  # let a commit land with nothing pending
+                    time.sleep(0.15)  # deliberate: a commit_interval passes with nothing pending
                     got = path.read_bytes()
                     assert got == model, f"seed {seed} round {rounds} new open: " \
                         f"{first_difference(got, bytes(model))}"
@@ -99,15 +99,7 @@ def test_estale_handle_never_returns_another_versions_bytes(
             src.write_bytes(new)
             subprocess.run(["cp", str(src), str(a.path / "f")], check=True)
 
-            def stale() -> bool:
-                try:
-                    os.pread(fd, 100, 106)
-                except OSError as exc:
-                    assert exc.errno == errno.ESTALE
-                    return True
-                return False
-
-            wait_for(stale, 10, "ESTALE on the old handle")
+            wait_for(lambda: pread_is_stale(fd, 100, 106), 10, "ESTALE on the old handle")
             # Another process opens the name and reads the new version...
             wait_for(lambda: (b.path / "f").read_bytes() == new, 10)
             # ...and the old handle still fails, at every offset it has not reached.

@@ -48,6 +48,12 @@ def append_lines(path: Path, lines: list[str]) -> None:
             f.write(line + "\n")
 
 
+def let_tail_poll() -> None:
+    """Deliberate: one `tail -s 0.5` poll must pass between two rotations, so tail has
+    settled on the file the last one left (tail shows nothing of its polls to wait on)."""
+    time.sleep(0.6)
+
+
 def test_tail_F_follows_every_rotation(store_env: StoreEnv, tmp_path: Path) -> None:
     out, err = tmp_path / "tail.out", tmp_path / "tail.err"
     quiet_out = tmp_path / "quiet.out"
@@ -95,13 +101,13 @@ def test_tail_F_follows_every_rotation(store_env: StoreEnv, tmp_path: Path) -> N
                     src.write_text("cp 0\n")
                     subprocess.run(["cp", str(src), str(log)], check=True)
 
-                time.sleep(0.6)  # tail has settled on the file
+                let_tail_poll()
                 event("rename", rename_rotation, [f"renamed {i}" for i in range(5)])
-                time.sleep(0.6)
+                let_tail_poll()
                 event("copytruncate", copytruncate, [f"copytrunc {i}" for i in range(5)])
-                time.sleep(0.6)
+                let_tail_poll()
                 event("cp", cp_over, ["cp 0"] + [f"cp after {i}" for i in range(5)])
-                time.sleep(0.6)
+                let_tail_poll()
                 sdk_lines = [f"sdk {i}" for i in range(5)]
                 event("sdk", lambda: sdk_overwrite(store_env, "app.log",
                                                    "".join(x + "\n" for x in sdk_lines)
@@ -110,7 +116,7 @@ def test_tail_F_follows_every_rotation(store_env: StoreEnv, tmp_path: Path) -> N
                 # tail -f by descriptor on a file renamed on A: alive and quiet.
                 os.rename(other, a.path / "other.log.1")
                 append_lines(other, ["new other 0"])
-                time.sleep(2.5)
+                time.sleep(2.5)  # deliberate: five tail polls in which nothing may happen
                 assert quiet.poll() is None, "tail -f exited after a rename"
                 assert tail.poll() is None
             finally:

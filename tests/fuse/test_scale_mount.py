@@ -45,7 +45,7 @@ def test_idle_open_files_cost_no_requests(
                 f.flush()
                 os.fsync(f.fileno())  # committed: nothing pending
             moto_proxy.reset()
-            time.sleep(IDLE_SECONDS)
+            time.sleep(IDLE_SECONDS)  # deliberate: an idle period, counted in requests
             stats = moto_proxy.stats()
         finally:
             for f in files:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.envs import StoreEnv
-from tests.support.http_serve import StreamingPut, served
+from tests.support.http_serve import StreamingPut, http_status, served
 from tests.support.waiting import wait_for
 
 MiB = 1 << 20
@@ -54,9 +54,7 @@ def test_thousand_followers(file_env: StoreEnv, tmp_path: Path, write_token: str
         put = StreamingPut(srv.port, "busy.log", "w-token")
         sent = [_line(0, 100)]
         put.send(sent[0])
-        wait_for(lambda: subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*",
-             f"{srv.url}/files/busy.log"], capture_output=True).stdout == b"200", 10, "log")
+        wait_for(lambda: http_status(f"{srv.url}/files/busy.log") == b"200", 10, "log")
         idle_kib = srv.rss_kib()
         peak = [idle_kib]
         done = threading.Event()
@@ -64,7 +62,7 @@ def test_thousand_followers(file_env: StoreEnv, tmp_path: Path, write_token: str
         def sample() -> None:
             while not done.is_set():
                 peak[0] = max(peak[0], srv.rss_kib())
-                time.sleep(0.02)
+                time.sleep(0.02)  # deliberate: the sampling period
 
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -73,7 +71,7 @@ def test_thousand_followers(file_env: StoreEnv, tmp_path: Path, write_token: str
             for seq in range(1, 41):
                 sent.append(_line(seq, 100))
                 put.send(sent[-1])
-                time.sleep(0.02)  # a log that grows, line by line
+                time.sleep(0.02)  # deliberate: a log that grows, line by line
             status, _ = put.finish()
             assert status == 201
             result = _result(followers)
@@ -101,15 +99,13 @@ def test_stalled_follower_is_dropped(file_env: StoreEnv, tmp_path: Path,
         put = StreamingPut(srv.port, "burst.log", "w-token")
         sent = [_line(0, 1024)]
         put.send(sent[0])
-        wait_for(lambda: subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*",
-             f"{srv.url}/files/burst.log"], capture_output=True).stdout == b"200", 10, "log")
+        wait_for(lambda: http_status(f"{srv.url}/files/burst.log") == b"200", 10, "log")
         followers = _start_followers(f"{srv.url}/files/burst.log?follow=1", 2, stalled=1)
         for chunk in range(64):  # 16 MiB in 256 KiB pieces
             piece = b"".join(_line(chunk * 256 + i, 1024) for i in range(256))
             sent.append(piece)
             put.send(piece)
-            time.sleep(0.06)  # a fast writer the readers keep up with
+            time.sleep(0.06)  # deliberate: a fast writer the readers keep up with
         status, _ = put.finish()
         assert status == 201
         result = _result(followers)

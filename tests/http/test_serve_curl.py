@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
 
+from blobfs.errors import NotFound
 from tests.support.envs import StoreEnv
-from tests.support.http_serve import StreamingPut, served
+from tests.support.http_serve import CurlFollower, StreamingPut, http_status, served
 from tests.support.waiting import wait_for
 
 
@@ -97,6 +97,7 @@ def test_ranges_validators_and_listing(file_env: StoreEnv, tmp_path: Path) -> No
 
 
 def _producer_script(lines: int, pause: float) -> str:
+    """A producer that writes a line each `pause` seconds (deliberate: a paced log)."""
     return (
         "import sys, time\n"
         f"for i in range({lines}):\n"
@@ -127,25 +128,14 @@ def test_curl_put_stream_followed_by_curl(file_env: StoreEnv, tmp_path: Path,
             async def head() -> int:
                 try:
                     return (await store.head("ci/job.log")).size
-                except Exception:
+                except NotFound:  # the PUT has not made the blob yet
                     return 0
             return trio.run(head)
 
         # The follower starts once the blob exists (the PUT made it), from byte 0.
-        wait_for(lambda: curl("-o", "/dev/null", "-w", "%{http_code}",
-                              f"{srv.url}/files/ci/job.log").stdout == b"200", 10, "blob")
-        follower = subprocess.Popen(
-            ["curl", "-sS", "-N", "--noproxy", "*", f"{srv.url}/files/ci/job.log?follow=1"],
-            stdout=subprocess.PIPE)
-        arrivals: list[tuple[bytes, float]] = []
-
-        def read() -> None:
-            assert follower.stdout is not None
-            for line in follower.stdout:
-                arrivals.append((line, time.time()))
-
-        reader = threading.Thread(target=read)
-        reader.start()
+        wait_for(lambda: http_status(f"{srv.url}/files/ci/job.log") == b"200", 10, "blob")
+        follower = CurlFollower(f"{srv.url}/files/ci/job.log?follow=1")
+        arrivals = follower.arrivals
         # Mid-body commits: the store has part of the log before the producer is done.
         mid = wait_for(lambda: committed_size() > 0 and producer.poll() is None and
                        committed_size(), 10, "a commit while the body arrives")
@@ -154,7 +144,6 @@ def test_curl_put_stream_followed_by_curl(file_env: StoreEnv, tmp_path: Path,
         assert put.returncode == 0, err
         assert json.loads(out)["size"] > 0
         assert follower.wait(timeout=30) == 0  # a clean end: the PUT finished
-        reader.join(10)
     got = [line for line, _ in arrivals]
     assert got == [b"line %03d " % i + line[9:] for i, line in enumerate(got)]
     assert len(got) == n
@@ -273,31 +262,19 @@ def test_follow_across_servers(store_env: StoreEnv, tmp_path: Path,
             served(store_env, tmp_path, "metadata_ttl=0.2", name="b") as b:
         put = StreamingPut(a.port, "x/remote.log", "w-secret-456")
         put.send(b"T=%.6f first\n" % time.time())
-        wait_for(lambda: curl("-o", "/dev/null", "-w", "%{http_code}",
-                              f"{b.url}/files/x/remote.log").stdout == b"200", 15,
+        wait_for(lambda: http_status(f"{b.url}/files/x/remote.log") == b"200", 15,
                  "the first commit, seen from B")
-        follower = subprocess.Popen(["curl", "-sS", "-N", "--noproxy", "*",
-                                     f"{b.url}/files/x/remote.log?follow=1&idle=1.5"],
-                                    stdout=subprocess.PIPE)
-        arrivals: list[tuple[bytes, float]] = []
-
-        def read() -> None:
-            assert follower.stdout is not None
-            for line in follower.stdout:
-                arrivals.append((line, time.time()))
-
-        reader = threading.Thread(target=read)
-        reader.start()
+        follower = CurlFollower(f"{b.url}/files/x/remote.log?follow=1&idle=1.5")
+        arrivals = follower.arrivals
         wait_for(lambda: arrivals, 10, "what exists")
         sent: list[bytes] = []
         for i in range(10):
             line = b"T=%.6f line %02d\n" % (time.time(), i)
             sent.append(line)
             put.send(line)
-            time.sleep(0.1)
+            time.sleep(0.1)  # deliberate: a paced writer, so arrival times can be compared
         assert put.finish()[0] == 201
         assert follower.wait(timeout=30) == 0  # ended by idle=: B cannot know the PUT
-        reader.join(10)
     got = [line for line, _ in arrivals]
     assert got[1:] == sent
     lags = sorted(at - float(line.split()[0][2:]) for line, at in arrivals[1:])

@@ -12,7 +12,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobfs.errors import FsError
+from blobfs.errors import FsError, NotFound
 from blobfs.fs.core import Filesystem
 from blobfs.store.base import put_bytes
 from blobfs.store.memory import MemoryStore
@@ -80,7 +80,7 @@ def test_filesystem_matches_model(tmp_path: Path, steps: list[tuple[str, str, in
                 if op == "remote_put":
                     try:
                         base = await other.head(nm)
-                    except Exception:
+                    except NotFound:
                         base = None
                     await put_bytes(other, nm, data, base=base, metadata={})
                 elif op == "remote_delete":

@@ -10,6 +10,8 @@ import http.client
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,3 +116,31 @@ class StreamingPut:
     def vanish(self) -> None:
         """Disconnect in the middle of the body."""
         self.sock.close()
+
+
+def http_status(url: str) -> bytes:
+    """The status code curl gets for a GET of `url` (b"000" when nothing answers)."""
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                           "--noproxy", "*", url], capture_output=True, timeout=30).stdout
+
+
+class CurlFollower:
+    """`curl -N` on a follow URL; a thread collects each line with its arrival time."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen(["curl", "-sS", "-N", "--noproxy", "*", url],
+                                     stdout=subprocess.PIPE)
+        self.arrivals: list[tuple[bytes, float]] = []
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.arrivals.append((line, time.time()))
+
+    def wait(self, timeout: float) -> int:
+        """curl's exit status once it ends; its lines are all collected then."""
+        status = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        return status

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import http.client
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from typing import Any
 
 from tests.support import s3_env
 from tests.support.envs import StoreEnv, free_port
+from tests.support.waiting import http_answers
 
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -109,17 +109,6 @@ rgw_gc_processor_max_time = 3
 rgw_enable_usage_log = false
 rgw_enable_ops_log = false
 """
-
-
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/")
-        return conn.getresponse().status < 500
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def _alive(pid: int) -> bool:
@@ -196,7 +185,7 @@ class _Cluster:
                   "--secret", keys["AWS_SECRET_ACCESS_KEY"], timeout=START_TIMEOUT)
         pid = self._daemon("rgw", "radosgw", "-n", "client.rgw.blobfs")
         deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(rgw_port):
+        while not http_answers(rgw_port):
             if not _alive(pid) or time.monotonic() > deadline:
                 raise RuntimeError("radosgw did not answer:\n"
                                    + RgwServer("", rgw_port, self.state).log())

@@ -11,7 +11,6 @@ instance metadata service for credentials.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import subprocess
@@ -25,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support.envs import StoreEnv, free_port
 from tests.support.proxy import RequestRecord
-from tests.support.waiting import stop_started, wait_started
+from tests.support.waiting import http_answers, stop_started, wait_started
 
 START_TIMEOUT = 30.0
 
@@ -98,17 +97,6 @@ def _restore_env(saved: Mapping[str, str | None]) -> None:
             os.environ[k] = v
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/moto-api/")
-        return conn.getresponse().status < 500
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @contextmanager
 def server(tmp: Path, *, auth: bool = False) -> Iterator[MotoServer]:
     """Run a moto S3 server on 127.0.0.1 until the block ends.
@@ -134,7 +122,8 @@ def server(tmp: Path, *, auth: bool = False) -> Iterator[MotoServer]:
         )
     srv = MotoServer(f"http://127.0.0.1:{port}", port, proc, log_path)
     try:
-        wait_started(proc, lambda: _answers(port), "moto", START_TIMEOUT, srv.log)
+        wait_started(proc, lambda: http_answers(port, "/moto-api/"), "moto", START_TIMEOUT,
+                     srv.log)
         yield srv
     finally:
         stop_started(proc)

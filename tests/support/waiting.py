@@ -2,22 +2,94 @@
 
 from __future__ import annotations
 
+import errno
+import http.client
+import inspect
+import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import BinaryIO
+
+import trio
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition",
-             interval: float = 0.02) -> object:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+def wait_for(predicate: Callable[[], object], timeout: float,
+             what: str | Callable[[], str] = "condition", interval: float = 0.02) -> object:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds.
+
+    `what` names the condition in the failure; a callable is asked at the failure, so the
+    message can say how far things got.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
+            said = what() if callable(what) else what
+            raise AssertionError(f"{said} not met within {timeout}s")
         time.sleep(interval)
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float,
+                     what: str | Callable[[], str] = "condition",
+                     interval: float = 0.01) -> object:
+    """`wait_for` for trio tests: the predicate may be async (return an awaitable), and
+    the polls sleep on trio's clock."""
+    deadline = trio.current_time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if trio.current_time() > deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"{said} not met within {timeout}s")
+        await trio.sleep(interval)
+
+
+def pread_is_stale(fd: int, size: int, off: int) -> bool:
+    """A poll of a handle whose blob was replaced: True once a pread fails with ESTALE,
+    False while it still reads; any other error fails the test."""
+    try:
+        os.pread(fd, size, off)
+    except OSError as exc:
+        assert exc.errno == errno.ESTALE, exc
+        return True
+    return False
+
+
+def read_until(f: BinaryIO, want: int, timeout: float) -> bytes:
+    """Read `want` more bytes from the open file `f` as they arrive (like tail -f); fail on
+    any read error (ESTALE, ...) or if they do not all come within `timeout` seconds."""
+    got = bytearray()
+
+    def more() -> bool:
+        try:
+            chunk = f.read(want - len(got))
+        except OSError as exc:
+            raise AssertionError(f"the open handle failed after {len(got)} new bytes: "
+                                 f"{errno.errorcode.get(exc.errno or 0, exc)}") from None
+        got.extend(chunk or b"")
+        return len(got) >= want
+
+    wait_for(more, timeout, lambda: f"{want} new bytes (only {len(got)} came)", interval=0.1)
+    return bytes(got)
+
+
+def http_answers(port: int, path: str = "/") -> bool:
+    """Whether a server on 127.0.0.1:`port` answers a GET of `path` (below 500): a poll
+    for `wait_started`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status < 500
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def wait_started(proc: subprocess.Popen[bytes], ready: Callable[[], object], what: str,
