@@ -471,31 +471,7 @@ async def test_proves_append_by_block_list_prefix(box: Box) -> None:
     assert not await store.proves_append(p1, p2)
 
 
-# --- classification and secrecy ---------------------------------------------------------------
-async def test_check_missing_container(box: Box) -> None:
-    store = box.make(url="az://no-such-container/x")
-    with pytest.raises(NotFound, match="no-such-container"):
-        await store.check()
-
-
-async def test_check_bad_key_is_access_denied_and_secret_free(box: Box) -> None:
-    bad_key = base64.b64encode(b"not the key" * 6).decode()
-    conn = azure_env.connection_string(box.server.endpoint, key=bad_key)
-    store = box.make(environ={"AZURE_STORAGE_CONNECTION_STRING": conn})
-    with pytest.raises(AccessDenied) as info:
-        await store.check()
-    text = "".join(traceback.format_exception(info.value))
-    assert bad_key not in text and "AccountKey" not in text
-    assert bad_key not in store.display
-
-
-async def test_check_unreachable_endpoint(box: Box) -> None:
-    endpoint = f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}"
-    store = box.make(endpoint=endpoint, retry_timeout=0.5)
-    with pytest.raises(StoreUnavailable):
-        await store.check()
-
-
+# --- classification and secrecy (check()'s errors: test_store_check.py) --------------------------
 def sas_token(box: Box) -> str:
     return generate_container_sas(
         azure_env.ACCOUNT,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ from blobfs.store.s3.planner import (
 )
 from blobfs.types import META_COMMIT, META_STREAM, ObjectMeta
 from tests.support import s3_env
-from tests.support.envs import StoreEnv, free_port
+from tests.support.envs import StoreEnv
 from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, S3Conditions, error_response
 from tests.support.s3_env import MotoServer, s3_operation
 
@@ -563,40 +562,7 @@ async def test_retries_stop_at_the_deadline(s3env: StoreEnv, moto_proxy: Proxy) 
     await s3_store.aclose()
 
 
-# --- check(): the one-line mount errors ---------------------------------------------------------
-async def test_check_names_a_missing_bucket(moto: MotoServer) -> None:
-    env = s3_env.env_for(moto.url, "no-such-bucket-here", moto.url)
-    s3_store = env.open()
-    with pytest.raises(NotFound, match="no-such-bucket-here"):
-        await s3_store.check()
-    with pytest.raises(NotFound):
-        await s3_store.list("")
-    await s3_store.aclose()
-
-
-async def test_check_reports_bad_credentials(tmp_path: Path) -> None:
-    with s3_env.server(tmp_path, auth=True) as strict:
-        s3_store = s3_env.env_for(strict.url, "any-bucket", strict.url).open()
-        with pytest.raises(AccessDenied, match="any-bucket"):
-            await s3_store.check()
-        with pytest.raises(AccessDenied):
-            await s3_store.head("k")
-        await s3_store.aclose()
-
-
-async def test_check_reports_an_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = s3_env.env_for(url, "bucket", url)
-    for name, value in env.env.items():  # credentials, so only the endpoint is wrong
-        monkeypatch.setenv(name, value)
-    s3_store = env.open(retry_timeout=60)
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="127.0.0.1"):
-        await s3_store.check()
-    assert time.monotonic() - t0 < 15, "mount-time check must fail fast"
-    await s3_store.aclose()
-
-
+# --- check(): the mount-time errors are in test_store_check.py ------------------------------------
 async def test_endpoint_from_environment(moto: MotoServer, s3env: StoreEnv,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
