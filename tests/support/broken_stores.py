@@ -42,9 +42,10 @@ class BrokenStore:
     then: Callable[[ObjectStore], Awaitable[object]] | None = None
 
 
-#: A case: (server_for, tmp_path, stack for servers it starts) -> the broken store.
-Case = Callable[[Callable[[str], Any], Path, ExitStack], BrokenStore]
+#: `server_for` (tests/conftest.py): the session's server of a store kind.
 Servers = Callable[[str], Any]
+#: A case: (server_for, tmp_path, stack for servers it starts) -> the broken store.
+Case = Callable[[Servers, Path, ExitStack], BrokenStore]
 
 
 async def list_root(store: ObjectStore) -> object:

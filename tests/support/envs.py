@@ -8,8 +8,10 @@ store needs, and `make_env(server, unique)`, which creates a fresh bucket/contai
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from blobfs.config import StoreConfig
 from blobfs.store import open_store
@@ -33,6 +35,19 @@ class StoreEnv:
         """A store object in the test process, configured like the mount."""
         cfg = StoreConfig(endpoint=self.endpoint, retry_timeout=retry_timeout)
         return open_store(self.url, cfg)
+
+
+@dataclass
+class ServerProcess:
+    """A server process a fixture started (and stops by PID), with the file it logs to."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def free_port() -> int:

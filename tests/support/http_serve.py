@@ -14,25 +14,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.envs import StoreEnv, free_port
+from tests.support.envs import ServerProcess, StoreEnv, free_port
 from tests.support.mounting import blobfs_cmd, mount_env
 from tests.support.waiting import stop_started, wait_started
 
 START_TIMEOUT = 30.0
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class Served(ServerProcess):
+    """A `blobfs serve` process."""
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

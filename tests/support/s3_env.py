@@ -17,12 +17,11 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.envs import StoreEnv, free_port
+from tests.support.envs import ServerProcess, StoreEnv, free_port
 from tests.support.proxy import RequestRecord
 from tests.support.waiting import http_answers, stop_started, wait_started
 
@@ -43,17 +42,8 @@ FAKE_AWS_ENV = {
 }
 
 
-@dataclass
-class MotoServer:
+class MotoServer(ServerProcess):
     """A running moto server."""
-
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def client(self) -> Any:
         """A plain boto3 client for test setup and inspection (not the store under test)."""
