@@ -22,12 +22,10 @@ The daemons come from Debian's `ceph-mon ceph-osd radosgw ceph-common` packages,
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -39,7 +37,7 @@ from typing import Any
 
 from tests.support import s3_env
 from tests.support.envs import StoreEnv, free_port
-from tests.support.waiting import http_answers
+from tests.support.waiting import alive, http_answers, stop_pid
 
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -111,31 +109,6 @@ rgw_enable_ops_log = false
 """
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its parent to reap it does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _stop_pid(pid: int) -> None:
-    """End one daemon this fixture started: SIGTERM, SIGKILL after STOP_TIMEOUT."""
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.05)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)  # reap it if it is our child (it has exited: no wait)
-
-
 class _Cluster:
     """Starts the three daemons in `state`; remembers their PIDs for whoever stops them."""
 
@@ -186,7 +159,7 @@ class _Cluster:
         pid = self._daemon("rgw", "radosgw", "-n", "client.rgw.blobfs")
         deadline = time.monotonic() + START_TIMEOUT
         while not http_answers(rgw_port):
-            if not _alive(pid) or time.monotonic() > deadline:
+            if not alive(pid) or time.monotonic() > deadline:
                 raise RuntimeError("radosgw did not answer:\n"
                                    + RgwServer("", rgw_port, self.state).log())
             time.sleep(0.05)
@@ -202,7 +175,7 @@ class _Cluster:
     def stop(self) -> None:
         # The gateway first: it holds the others' sessions.
         for pid in reversed(self.pids):
-            _stop_pid(pid)
+            stop_pid(pid, STOP_TIMEOUT)
 
 
 @contextmanager
@@ -236,10 +209,10 @@ def server(tmp: Path) -> Iterator[RgwServer]:
     me = f"{os.getpid()}"
     with _locked(lock):
         state: dict[str, Any] = json.loads(info.read_text()) if info.exists() else {}
-        if not state or not all(_alive(p) for p in state["pids"]):
+        if not state or not all(alive(p) for p in state["pids"]):
             if state:
                 for pid in state["pids"]:
-                    _stop_pid(pid)
+                    stop_pid(pid, STOP_TIMEOUT)
             cluster = _Cluster(root / f"rgw-{uuid.uuid4().hex[:8]}")
             try:
                 port = cluster.start()
@@ -263,7 +236,7 @@ def server(tmp: Path) -> Iterator[RgwServer]:
                 info.write_text(json.dumps(state))
             else:
                 for pid in reversed(state["pids"]):
-                    _stop_pid(pid)
+                    stop_pid(pid, STOP_TIMEOUT)
                 info.unlink()
         s3_env._restore_env(saved)
 

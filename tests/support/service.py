@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.waiting import wait_for  # noqa: F401  (re-exported)
+from tests.support.waiting import alive, stop_pid, wait_for  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -173,14 +172,6 @@ def lazy_unmount(path: Path) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def daemon_pids(mountpoint: Path, runtime_dir: Path) -> set[int]:
     """PIDs of blobfs daemons serving `mountpoint`: from the state files in `runtime_dir`,
     plus any process whose command line names the (test-unique) mountpoint."""
@@ -203,20 +194,6 @@ def daemon_pids(mountpoint: Path, runtime_dir: Path) -> set[int]:
         if needle in argv and any(b"blobfs" in a for a in argv):
             pids.add(int(proc.name))
     return {pid for pid in pids if alive(pid)}
-
-
-def stop_pid(pid: int, timeout: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout` seconds."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not alive(pid):
-            return
 
 
 @contextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import inspect
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -103,6 +105,32 @@ def wait_started(proc: subprocess.Popen[bytes], ready: Callable[[], object], wha
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not answer within {timeout}s:\n{log()}")
         time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 30.0) -> None:
+    """End a process we started, by PID: SIGTERM, then SIGKILL after `timeout` seconds;
+    reap it if it is our child."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not alive(pid):
+            break
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def stop_started(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
