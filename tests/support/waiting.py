@@ -1,4 +1,13 @@
-"""Waiting for a condition instead of sleeping (STYLE §7)."""
+"""Waiting for a condition instead of sleeping (STYLE §7), and the lifecycle of the
+processes tests start.
+
+A test that waits for something polls it here (`wait_for`, or `wait_until` in trio code;
+`read_until` for bytes arriving on an open file; `pread_is_stale` as the poll of a replaced
+blob's handle), so a timeout fails with what was awaited. A `sleep` left in a test lets time
+pass on purpose (a commit_interval that must elapse, a period in which nothing may happen,
+a writer's pace) and says so. Servers and daemons are started with `wait_started` and ended
+by PID (`stop_started`, `stop_pid`), never by name.
+"""
 
 from __future__ import annotations
 
