@@ -21,12 +21,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from blobfs.fs.spool import Spool
-from tests.conftest import make_store_env
 from tests.support.envs import StoreEnv, free_port
 from tests.support.mounting import blobfs_cmd, mount_env, mounted
 from tests.support.outside import read_blob
@@ -345,13 +343,8 @@ def test_idle_metrics_connections_never_starve_file_io(tmp_path: Path) -> None:
 
 
 # --- 8: Azure names the service would rewrite -------------------------------------------------
-@pytest.fixture
-def az_env(server_for: Callable[[str], Any]) -> StoreEnv:
-    return make_store_env(server_for, "az")
-
-
-def test_azure_backslash_names_are_refused(az_env: StoreEnv, tmp_path: Path) -> None:
-    with mounted(az_env, tmp_path) as m:
+def test_azure_backslash_names_are_refused(azenv: StoreEnv, tmp_path: Path) -> None:
+    with mounted(azenv, tmp_path) as m:
         (m.path / "victim").mkdir()
         (m.path / "victim" / "data").write_text("original\n")
         for name in ("victim\\data", "new\\file", "dot."):
@@ -360,7 +353,7 @@ def test_azure_backslash_names_are_refused(az_env: StoreEnv, tmp_path: Path) -> 
             assert err.value.errno == errno.EINVAL, name
         (m.path / "a%41b").write_text("percent\n")
         assert sorted(os.listdir(m.path)) == ["a%41b", "victim"]
-    assert read_blob(az_env, "victim/data") == b"original\n"
-    assert read_blob(az_env, "a%41b") == b"percent\n"
-    assert read_blob(az_env, "new/file") is None and read_blob(az_env, "dot") is None
+    assert read_blob(azenv, "victim/data") == b"original\n"
+    assert read_blob(azenv, "a%41b") == b"percent\n"
+    assert read_blob(azenv, "new/file") is None and read_blob(azenv, "dot") is None
 

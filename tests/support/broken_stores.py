@@ -75,14 +75,15 @@ def s3_bad_credentials(server_for: Servers, tmp: Path, stack: ExitStack) -> Brok
                        names=("some-bucket",), mount_says=("denied",), then=head_k)
 
 
-def az_env(endpoint: str, url: str, conn: str) -> StoreEnv:
+def az_store_env(endpoint: str, url: str, conn: str) -> StoreEnv:
+    """The Azure StoreEnv of `url` at `endpoint` with connection string `conn`."""
     return StoreEnv("az", url, env={azure_env.ENV_VAR: conn}, options=[f"endpoint={endpoint}"],
                     endpoint=endpoint)
 
 
 def az_missing_container(server_for: Servers, tmp: Path, stack: ExitStack) -> BrokenStore:
     azurite = server_for("az")
-    env = az_env(azurite.endpoint, "az://no-such-container-here/x", azurite.connection_string)
+    env = az_store_env(azurite.endpoint, "az://no-such-container-here/x", azurite.connection_string)
     return BrokenStore(env, NotFound, names=("no-such-container-here",),
                        secrets=(azure_env.ACCOUNT_KEY,))
 
@@ -90,7 +91,7 @@ def az_missing_container(server_for: Servers, tmp: Path, stack: ExitStack) -> Br
 def az_unreachable(server_for: Servers, tmp: Path, stack: ExitStack) -> BrokenStore:
     azurite = server_for("az")
     endpoint = f"http://127.0.0.1:{free_port()}/{azure_env.ACCOUNT}"
-    return BrokenStore(az_env(endpoint, "az://somewhere/x", azurite.connection_string),
+    return BrokenStore(az_store_env(endpoint, "az://somewhere/x", azurite.connection_string),
                        StoreUnavailable, names=("127.0.0.1",), retry_timeout=0.5)
 
 
@@ -100,8 +101,9 @@ def az_bad_key(server_for: Servers, tmp: Path, stack: ExitStack) -> BrokenStore:
     assert good.endpoint is not None
     conn = azure_env.connection_string(server_for("az").endpoint, key=bad_key)
     container = good.url.removeprefix("az://").split("/")[0]
-    return BrokenStore(az_env(good.endpoint, good.url, conn), AccessDenied, names=(container,),
-                       mount_says=("denied",), secrets=(bad_key, "AccountKey"))
+    return BrokenStore(az_store_env(good.endpoint, good.url, conn), AccessDenied,
+                       names=(container,), mount_says=("denied",),
+                       secrets=(bad_key, "AccountKey"))
 
 
 CASES: dict[str, Case] = {
