@@ -55,6 +55,7 @@ async def test_timer_commits_open_file(store: MemoryStore, tmp_path: Path) -> No
     async with running_fs(store, tmp_path, commit_interval=0.05) as fs:
         fh, _ = await fs.create_file(1, "live", os.O_WRONLY | os.O_CREAT)
         await fs.write(fh, 0, b"line\n")
+
         async def committed() -> bool:
             try:
                 return (await store.head("live")).size == 5
