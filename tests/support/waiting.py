@@ -46,19 +46,18 @@ def wait_for(predicate: Callable[[], object], timeout: float,
 async def wait_until(predicate: Callable[[], object], timeout: float,
                      what: str | Callable[[], str] = "condition",
                      interval: float = 0.01) -> object:
-    """`wait_for` for trio tests: the predicate may be async (return an awaitable), and
-    the polls sleep on trio's clock."""
-    deadline = trio.current_time() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            said = what() if callable(what) else what
-            raise AssertionError(f"{said} not met within {timeout}s")
-        await trio.sleep(interval)
+    """`wait_for` for trio tests: the predicate may be async (return an awaitable), the polls
+    sleep on trio's clock, and a predicate that hangs is cut off at `timeout` too."""
+    with trio.move_on_after(timeout):
+        while True:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await trio.sleep(interval)
+    said = what() if callable(what) else what
+    raise AssertionError(f"{said} not met within {timeout}s")
 
 
 def pread_is_stale(fd: int, size: int, off: int) -> bool:
