@@ -1,0 +1,263 @@
+"""`LocalStore`: the store protocol over a local directory -- HEAD, ranged reads,
+paged listings, delete, copy and mkdir -- with the blocking bodies its worker threads run.
+
+Publishing versions (the lock, conditional renames, in-place appends) is `Publishing`'s
+(publish.py); uploads are upload.py's. Must not know FUSE or the core's data structures.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from blobfs.config import StoreConfig
+from blobfs.errors import AccessDenied, BadRequest, NotFound, PreconditionFailed
+from blobfs.store._blocking import Blocking
+from blobfs.store.base import DropsOrphans, PendingSource, Range, lineage_proves_append
+from blobfs.store.beneath import Tree, is_link_error
+from blobfs.store.local.files import (
+    INTERNAL,
+    TMP,
+    XATTR_TOKEN,
+    classify,
+    entries,
+    etag_of,
+    is_appending,
+    meta_of,
+    open_file,
+    open_tmp,
+    unlink_quiet,
+)
+from blobfs.store.local.publish import Draft, Publishing
+from blobfs.store.local.upload import DirUpload, LocalUpload
+from blobfs.types import ETag, ListPage, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+
+class LocalStore(Publishing, DropsOrphans):
+    def __init__(self, root: Path, cfg: StoreConfig) -> None:
+        self.root = root
+        self.tree = Tree(root)
+        self.display = f"file://{root}"
+        self._mode_cache: tuple[int, int] | None = None
+        self.io = Blocking(classify, retry_timeout=cfg.retry_timeout,
+                           limits={"meta": 4, "read": 8, "write": 4})
+        #: (prefix, delimiter, token) -> the rest of a listing being paged (`_list_page`).
+        self._rest_of_listing: dict[tuple[str, str, str | None],
+                                    tuple[list[tuple[str, bool]], int]] = {}
+        self._rest_lock = threading.Lock()
+
+
+    # --- blocking bodies (run in worker threads) ------------------------------------------
+    def _check_sync(self) -> None:
+        if not self.root.is_dir():
+            raise NotFound(f"directory {self.root} does not exist: create it first")
+        try:
+            self.tree.mkdirs(TMP)
+            probe = self.tree.open(f"{INTERNAL}/xattr-probe", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if is_link_error(exc):
+                raise AccessDenied(f"{self.root}/{INTERNAL} passes through a symbolic link: "
+                                   "remove it") from None
+            raise
+        try:
+            os.setxattr(probe, XATTR_TOKEN, b"1")
+        except OSError:
+            log.warning("%s does not support user xattrs: appends by other mounts will "
+                        "look like rewrites", self.root)
+        finally:
+            os.close(probe)
+
+    def _head_sync(self, key: str) -> ObjectMeta:
+        path = self._path(key)
+        if key.endswith("/"):
+            try:
+                dfd = self.tree.open_dir(path)
+            except OSError:
+                raise NotFound(key) from None
+            try:
+                st = os.fstat(dfd)
+            finally:
+                os.close(dfd)
+            return ObjectMeta(key, 0, ETag(f"d-{st.st_ino:x}"), st.st_mtime, {})
+        with self._locked(shared=True):  # never half an in-place append (`append_sync`)
+            fd = open_file(self.tree, path)
+            try:
+                if not is_appending(fd):
+                    return meta_of(key, fd)
+            finally:
+                os.close(fd)
+        with self._locked():
+            self._undo_append(path)
+        return self._head_sync(key)
+
+    def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        fd = open_file(self.tree, self._path(key))
+        try:
+            if etag_of(fd) != etag:
+                raise PreconditionFailed(f"{key}: {etag} is not current")
+            return os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+
+    def _list_sync(self, prefix: str, delimiter: str, token: str | None,
+                   limit: int) -> ListPage:
+        with self._rest_lock:
+            rest = self._rest_of_listing.pop((prefix, delimiter, token), None)
+        if rest is not None:
+            return self._list_page(prefix, delimiter, *rest, limit)
+        names: list[tuple[str, bool]] = []
+        if delimiter == "/" and (prefix == "" or prefix.endswith("/")):
+            try:
+                dfd = self.tree.open_dir(self._path(prefix) if prefix else "")
+            except OSError as exc:
+                if not isinstance(exc, FileNotFoundError | NotADirectoryError) and \
+                        not is_link_error(exc):
+                    raise
+            else:
+                if prefix and token is None:
+                    # A directory is its own "prefix/" marker, as S3 and Azure list theirs.
+                    names.append((prefix, False))
+                for name, is_dir in entries(dfd):
+                    if not prefix and name == INTERNAL:
+                        continue
+                    names.append((prefix + name + ("/" if is_dir else ""), is_dir))
+        else:
+            for rel in self._walk_files(""):
+                names.append((rel, False))
+            names = [(n, d) for n, d in names if n.startswith(prefix)]
+            if delimiter:
+                grouped: dict[str, bool] = {}
+                for n, _ in names:
+                    cut = n.find(delimiter, len(prefix))
+                    grouped[n[: cut + 1] if cut >= 0 else n] = cut >= 0
+                names = list(grouped.items())
+        names.sort()
+        if token is not None:
+            names = [(n, d) for n, d in names if n > token]
+        return self._list_page(prefix, delimiter, names, 0, limit)
+
+    def _list_page(self, prefix: str, delimiter: str, names: list[tuple[str, bool]],
+                   start: int, limit: int) -> ListPage:
+        """The page of `names` from `start`. The rest is kept for the next page's token: a
+        paged listing then reads the directory once, not once per page (O(n), not n²)."""
+        page, more = names[start : start + limit], len(names) > start + limit
+        if more:
+            with self._rest_lock:  # worker threads page listings concurrently
+                if len(self._rest_of_listing) >= 64:
+                    self._rest_of_listing.pop(next(iter(self._rest_of_listing)), None)
+                self._rest_of_listing[(prefix, delimiter, page[-1][0])] = (names,
+                                                                          start + limit)
+        objects = []
+        for name, is_dir in page:
+            if is_dir:
+                continue
+            if name.endswith("/"):
+                objects.append(self._head_sync(name))
+                continue
+            try:
+                fd = open_file(self.tree, self._path(name))
+            except NotFound:
+                continue  # deleted while listing
+            try:
+                objects.append(meta_of(name, fd))
+            finally:
+                os.close(fd)
+        return ListPage(objects, [n for n, d in page if d], page[-1][0] if more else None)
+
+    def _walk_files(self, rel: str) -> Iterator[str]:
+        """Every regular file beneath directory `rel`, never through a link (blocking)."""
+        try:
+            dfd = self.tree.open_dir(rel)
+        except OSError:
+            return
+        for name, is_dir in entries(dfd):
+            if not rel and name == INTERNAL:
+                continue
+            path = f"{rel}/{name}" if rel else name
+            if is_dir:
+                yield from self._walk_files(path)
+            else:
+                yield path
+
+    def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
+        with self._locked():
+            try:
+                if key.endswith("/"):
+                    self.tree.rmdir(path)
+                else:
+                    self.tree.unlink(path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY and not is_link_error(exc):
+                    raise
+
+    def _copy_sync(self, src: ObjectMeta, dst_key: str, metadata: dict[str, str]) -> ObjectMeta:
+        tmp = f"{TMP}/{secrets.token_hex(8)}"
+        os.close(open_tmp(self.tree, tmp))
+        try:
+            plan = [("base", Range(0, src.size))] if src.size else []
+            return self.commit_sync(Draft(dst_key, None, tmp, plan, [], metadata), src=src,
+                                    overwrite=True)
+        finally:
+            unlink_quiet(self.tree, tmp)
+
+    def _mkdir_sync(self, key: str) -> ObjectMeta:
+        self.tree.mkdirs(self._path(key), mode=self._modes()[1])
+        return self._head_sync(key)
+
+    # --- the protocol -------------------------------------------------------------------
+    async def check(self) -> None:
+        await self.io.call("meta", self._check_sync)
+
+    async def head(self, key: str) -> ObjectMeta:
+        return await self.io.call("meta", self._head_sync, key, idempotent=True)
+
+    async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
+        return await self.io.call("read", self._read_sync, key, etag, off, size,
+                                  idempotent=True)
+
+    async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
+                   limit: int = 1000) -> ListPage:
+        return await self.io.call("meta", self._list_sync, prefix, delimiter, token, limit,
+                                  idempotent=True)
+
+    async def delete(self, key: str) -> None:
+        await self.io.call("write", self._delete_sync, key)
+
+    async def copy(self, src: ObjectMeta, dst_key: str,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        return await self.io.call("write", self._copy_sync, src, dst_key, dict(metadata))
+
+    def begin_upload(self, key: str, base: ObjectMeta | None, source: PendingSource,
+                     metadata: Mapping[str, str] | None = None) -> LocalUpload | DirUpload:
+        if key.endswith("/"):
+            return DirUpload(self, key, base)
+        return LocalUpload(self, key, base, source)
+
+    async def drop_orphan(self, key: str, token: str) -> None:
+        """`DropsOrphans`: remove the temp version `token` a crashed run left behind."""
+        if not token or token != os.path.basename(token) or token in (".", ".."):
+            raise BadRequest(f"not a temp version name: {token!r}")
+        await self.io.call("write", unlink_quiet, self.tree, f"{TMP}/{token}")
+
+    async def proves_append(self, old: ObjectMeta, new: ObjectMeta) -> bool:
+        return lineage_proves_append(old, new)
+
+    async def aclose(self) -> None:
+        self.tree.close()
+
+
+def open_local(url: str, cfg: StoreConfig) -> LocalStore:
+    path = url.removeprefix("file://")
+    if not path.startswith("/"):
+        raise BadRequest(f"{url}: file:// sources need an absolute path (file:///DIR)")
+    return LocalStore(Path(path), cfg)
