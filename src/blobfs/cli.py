@@ -365,14 +365,14 @@ def _serving_pid(mnt: Path) -> int | None:
 
 def _left_in_spool(spool: str | None) -> list[str]:
     """The keys (or journal names) a spool still holds (blocking)."""
-    from blobfs.fs.spool import read_journal
+    from blobfs.fs.journal import read_journal
 
     if not spool or not os.path.isdir(spool):
         return []
     left = []
     for journal in sorted(Path(spool).glob("*.journal")):
         try:
-            left.append(str(read_journal(journal)[0]["key"]))
+            left.append(read_journal(journal).header.key)
         except (OSError, ValueError):
             left.append(f"{journal} (damaged)")
     return left

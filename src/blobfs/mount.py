@@ -33,8 +33,9 @@ from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig
 from blobfs.errors import UsageError
 from blobfs.fs.core import Filesystem
+from blobfs.fs.journal import JournalCorrupt, read_journal
 from blobfs.fs.recovery import recover_spool
-from blobfs.fs.spool import JournalCorrupt, Spool, ensure_private_dir, read_journal
+from blobfs.fs.spool import Spool, ensure_private_dir
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
 from blobfs.preflight import check_store
@@ -326,7 +327,7 @@ def _report_left_spool(spool: Spool) -> list[str]:
     keys, damaged = [], []
     for journal in spool.entries():
         try:
-            keys.append(read_journal(journal)[0]["key"])
+            keys.append(read_journal(journal).header.key)
         except JournalCorrupt as exc:
             log.error("%s; the entry is kept", exc)
             damaged.append(str(journal))

@@ -18,8 +18,9 @@ import trio
 from blobfs.args import parser
 from blobfs.config import MountConfig, StoreConfig, parse_options
 from blobfs.errors import StoreError, UsageError
+from blobfs.fs.journal import JournalCorrupt, read_journal
 from blobfs.fs.recovery import recover_spool, replay
-from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
+from blobfs.fs.spool import Spool, SpoolEntry
 from blobfs.fs.writer import FileWriter
 from blobfs.store import open_store
 from blobfs.store.base import ObjectStore
@@ -38,7 +39,7 @@ def _sources(cache_dir: Path, damaged: list[str]) -> dict[str, list[tuple[str, i
         except JournalCorrupt as exc:
             damaged.append(str(exc))
             continue
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError) as exc:
             damaged.append(f"unreadable journal {journal}: {exc}")
             continue
         pending = state.epoch.dirty.total + (state.inflight.dirty.total if state.inflight else 0)

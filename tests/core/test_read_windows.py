@@ -7,12 +7,12 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from blobfs.errors import FsError
+from blobfs.fs.journal import Committed, Record
 from blobfs.store.base import put_bytes
 from blobfs.store.memory import MemoryStore
 from blobfs.types import META_STREAM, ETag
@@ -58,11 +58,11 @@ async def test_read_while_a_commit_finishes_returns_the_new_bytes(
         gate, reached = trio.Event(), trio.Event()
         real_record = w.spool.record
 
-        async def record(**rec: Any) -> None:
-            if rec.get("t") == "C":  # the commit landed; its outcome is being journalled
+        async def record(rec: Record) -> None:
+            if isinstance(rec, Committed):  # the commit landed; its outcome is being journalled
                 reached.set()
                 await gate.wait()
-            await real_record(**rec)
+            await real_record(rec)
 
         w.spool.record = record  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:

@@ -108,3 +108,64 @@ async def test_an_entry_recovery_cannot_handle_is_set_aside_once(store: MemorySt
     async with running_fs(store, tmp_path) as fs:
         again = await recover_spool(store, fs.spool, fs.make_writer)
     assert again.set_aside == [] and "bad" not in caplog.text, "reported once"
+
+
+def _plant(cache: Path, store: MemoryStore, name: str, journal: bytes, data: bytes) -> Path:
+    """An entry as an earlier daemon left it: its journal and data file, written as bytes."""
+    root = Spool(cache, store.display).root
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for parent in (cache, cache / "spool", root):
+        parent.chmod(0o700)
+    (root / f"{name}.data").write_bytes(data)
+    path = root / f"{name}.journal"
+    path.write_bytes(journal)
+    return path
+
+
+async def test_a_spool_written_before_typed_records_recovers(store: MemoryStore,
+                                                             tmp_path: Path) -> None:
+    # The exact bytes the daemon wrote before journal records were typed (7efacde): an
+    # append onto a committed version, a commit that failed, then more writes and a
+    # truncate. Written out literally: the format must stay readable.
+    v1 = await put_bytes(store, "old.log", b"hello\n", base=None, metadata={})
+    journal = (
+        b'{"t":"H","key":"old.log","source":"%s","base":{"etag":"%s","size":6,"stream":null}}\n'
+        b'{"t":"W","o":6,"n":6}\n'
+        b'{"t":"P","id":"c1","s":12}\n'
+        b'{"t":"F"}\n'
+        b'{"t":"W","o":12,"n":4}\n'
+        b'{"t":"T","s":14}\n'
+    ) % (store.display.encode(), v1.etag.encode())
+    _plant(tmp_path / "cache", store, "0123456789ab-cafe0001", journal,
+           bytes(6) + b"world\n!!??")
+    async with running_fs(store, tmp_path) as fs:
+        report = await recover_spool(store, fs.spool, fs.make_writer)
+    assert report.committed == ["old.log"], report.summary()
+    assert await read_all(store, await store.head("old.log")) == b"hello\nworld\n!!"
+    assert _left(tmp_path / "cache") == []
+
+
+async def test_hostile_journals_are_kept_as_damage_and_never_crash_recovery(
+        store: MemoryStore, tmp_path: Path, caplog: Any) -> None:
+    header = b'{"t":"H","key":"%s","source":"%s","base":null}\n'
+    cache = tmp_path / "cache"
+    lines = {
+        "torn": b'{"t":"W","o":0,"n":3}\n{"t":"W","o":3,"n"',  # crash mid-append: fine
+        "unknown": b'{"t":"W","o":0,"n":3}\n{"t":"X","o":1}\n{"t":"W","o":3,"n":3}\n',
+        "types": b'{"t":"W","o":"0","n":3}\n{"t":"W","o":3,"n":3}\n',
+        "shape": b'{"t":"W","o":0,"n":3}\n["W",3,3]\n{"t":"T","s":6}\n',
+        "binary": b'\x00\xff\xfe\n{"t":"W","o":0,"n":3}\n',
+    }
+    planted = {name: _plant(cache, store, f"{i:012x}-0000000{i}",
+                            header % (name.encode(), store.display.encode()) + body, b"abcdef")
+               for i, (name, body) in enumerate(lines.items())}
+    async with running_fs(store, tmp_path) as fs:
+        report = await recover_spool(store, fs.spool, fs.make_writer)
+    assert report.committed == ["torn"]
+    assert await read_all(store, await store.head("torn")) == b"abc"
+    damaged = sorted(str(planted[n]) for n in ("unknown", "types", "shape", "binary"))
+    assert sorted(report.damaged) == damaged
+    assert all(planted[n].exists() for n in ("unknown", "types", "shape", "binary"))
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+    for name, line in (("unknown", 3), ("types", 2), ("shape", 3), ("binary", 2)):
+        assert f"spool journal {planted[name]} is damaged at line {line}" in caplog.text

@@ -128,35 +128,46 @@ def test_metadata_names_read_in_either_spelling() -> None:
 
 
 def test_replay_splits_writes_at_the_commit_record() -> None:
+    from blobfs.fs.journal import Base, CommitStart, Committed, Failed, Header, Journal, Write
     from blobfs.fs.recovery import replay
 
+    header = Header("k", "s", None)
     records = [
-        {"t": "H", "key": "k", "source": "s", "base": None},
-        {"t": "W", "o": 0, "n": 10},
-        {"t": "P", "id": "c1", "s": 10},
-        {"t": "W", "o": 10, "n": 5},  # arrived while c1 was in flight
+        Write(0, 10),
+        CommitStart("c1", 10),
+        Write(10, 5),  # arrived while c1 was in flight
     ]
-    state = replay(records)
+    state = replay(Journal(header, records))
     assert state.inflight is not None and state.inflight_id == "c1"
     assert [(r.off, r.size) for r in state.inflight.dirty] == [(0, 10)]
     assert [(r.off, r.size) for r in state.epoch.dirty] == [(10, 5)]
     assert state.size == 15
-    done = replay([*records, {"t": "C", "etag": "e", "size": 10, "stream": "x"}])
-    assert done.inflight is None and done.base == {"etag": "e", "size": 10, "stream": "x"}
+    done = replay(Journal(header, [*records, Committed(Base("e", 10, "x"))]))
+    assert done.inflight is None and done.base == Base("e", 10, "x")
     assert [(r.off, r.size) for r in done.epoch.dirty] == [(10, 5)]
-    failed = replay([*records, {"t": "F"}])
+    failed = replay(Journal(header, [*records, Failed()]))
     assert [(r.off, r.size) for r in failed.epoch.dirty] == [(0, 15)]
 
 
 def test_replay_keeps_only_the_uploads_of_unfinished_commits() -> None:
+    from blobfs.fs.journal import (
+        Base,
+        CommitStart,
+        Committed,
+        Failed,
+        Header,
+        Journal,
+        Record,
+        Upload,
+        Write,
+    )
     from blobfs.fs.recovery import replay
 
-    head = [{"t": "H", "key": "k", "source": "s", "base": None}, {"t": "W", "o": 0, "n": 9}]
-    done = [{"t": "U", "token": "u1"}, {"t": "P", "id": "c1", "s": 9},
-            {"t": "C", "etag": "e", "size": 9, "stream": "x"}]
-    assert replay([*head, *done]).uploads == []  # completed with its commit
-    failed = [{"t": "U", "token": "u2"}, {"t": "P", "id": "c2", "s": 9}, {"t": "F"}]
-    assert replay([*head, *failed]).uploads == []  # the failed commit aborted it
-    later = [{"t": "W", "o": 9, "n": 9}, {"t": "U", "token": "u3"},
-             {"t": "P", "id": "c3", "s": 18}, {"t": "U", "token": "u4"}]
-    assert replay([*head, *done, *later]).uploads == ["u3", "u4"]  # died with these open
+    def uploads(*records: Record) -> list[str]:
+        return replay(Journal(Header("k", "s", None), [Write(0, 9), *records])).uploads
+
+    done = [Upload("u1"), CommitStart("c1", 9), Committed(Base("e", 9, "x"))]
+    assert uploads(*done) == []  # completed with its commit
+    assert uploads(Upload("u2"), CommitStart("c2", 9), Failed()) == []  # aborted by the failure
+    later = [Write(9, 9), Upload("u3"), CommitStart("c3", 18), Upload("u4")]
+    assert uploads(*done, *later) == ["u3", "u4"]  # died with these open

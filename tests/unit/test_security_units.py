@@ -19,8 +19,9 @@ import trio
 from blobfs import metrics
 from blobfs.cli import parse_mount_args
 from blobfs.errors import FsError, UsageError
+from blobfs.fs.journal import JournalCorrupt, read_journal
 from blobfs.fs.recovery import replay
-from blobfs.fs.spool import JournalCorrupt, ensure_private_dir, read_journal
+from blobfs.fs.spool import ensure_private_dir
 from blobfs.log import redact
 from blobfs.store import beneath
 from blobfs.store.azure import AzureStore

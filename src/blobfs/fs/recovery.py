@@ -23,16 +23,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from blobfs.errors import FsError, NotFound, PreconditionFailed, StoreError
 from blobfs.fs.epoch import Epoch, merge
-from blobfs.fs.spool import JournalCorrupt, Spool, SpoolEntry, read_journal
+from blobfs.fs.journal import (
+    Base,
+    CommitStart,
+    Committed,
+    Failed,
+    Journal,
+    JournalCorrupt,
+    Truncate,
+    Upload,
+    Write,
+    base_record,
+    read_journal,
+)
+from blobfs.fs.spool import Spool, SpoolEntry
 from blobfs.fs.writer import FileWriter
 from blobfs.store.base import DropsOrphans, ObjectStore, put_bytes
-from blobfs.types import META_COMMIT, META_STREAM, ETag, ObjectMeta, Range
+from blobfs.types import META_COMMIT, ObjectMeta, Range
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +55,7 @@ class Replayed:
 
     key: str
     source: str
-    base: dict[str, Any] | None
+    base: Base | None
     size: int
     epoch: Epoch
     inflight: Epoch | None = None
@@ -54,47 +66,39 @@ class Replayed:
     uploads: list[str] = field(default_factory=list)
 
 
-def replay(records: list[dict[str, Any]]) -> Replayed:
-    header = records[0]
-    if header.get("t") != "H":
-        raise ValueError("journal has no header")
-    base = header.get("base")
-    size = base["size"] if base else 0
-    state = Replayed(header["key"], header.get("source", ""), base, size, Epoch.fresh(size))
-    for rec in records[1:]:
-        kind = rec.get("t")
-        if kind == "W":
-            state.size, _ = state.epoch.apply_write(state.size, rec["o"], rec["n"])
-        elif kind == "T":
-            if state.inflight is not None and rec["s"] < state.size:
-                state.inflight.apply_truncate(state.size, rec["s"])
-            state.epoch.apply_truncate(state.size, rec["s"])
-            state.size = rec["s"]
-        elif kind == "P":
-            if state.inflight is not None:  # a retried commit: the earlier try failed
-                state.epoch = merge(state.inflight, state.epoch, state.size)
-            state.inflight, state.inflight_id = state.epoch, rec["id"]
-            state.inflight_size = rec["s"]
-            state.epoch = Epoch.fresh(state.size)
-        elif kind == "U":
-            state.uploads.append(rec["token"])
-        elif kind == "C":
-            state.base = {"etag": rec["etag"], "size": rec["size"], "stream": rec.get("stream")}
-            state.inflight = state.inflight_id = None
-            state.uploads.clear()  # completed, or aborted by the commit that failed over
-        elif kind == "F":
-            if state.inflight is not None:
-                state.epoch = merge(state.inflight, state.epoch, state.size)
-            state.inflight = state.inflight_id = None
-            state.uploads.clear()  # the failed commit aborted its upload
+def replay(journal: Journal) -> Replayed:
+    """The pending state after the journal's records, applied in order."""
+    header = journal.header
+    base = header.base
+    size = base.size if base else 0
+    state = Replayed(header.key, header.source, base, size, Epoch.fresh(size))
+    for rec in journal.records:
+        match rec:
+            case Write(off, n):
+                state.size, _ = state.epoch.apply_write(state.size, off, n)
+            case Truncate(new_size):
+                if state.inflight is not None and new_size < state.size:
+                    state.inflight.apply_truncate(state.size, new_size)
+                state.epoch.apply_truncate(state.size, new_size)
+                state.size = new_size
+            case CommitStart(commit_id, commit_size):
+                if state.inflight is not None:  # a retried commit: the earlier try failed
+                    state.epoch = merge(state.inflight, state.epoch, state.size)
+                state.inflight, state.inflight_id = state.epoch, commit_id
+                state.inflight_size = commit_size
+                state.epoch = Epoch.fresh(state.size)
+            case Upload(token):
+                state.uploads.append(token)
+            case Committed(new_base):
+                state.base = new_base
+                state.inflight = state.inflight_id = None
+                state.uploads.clear()  # completed, or aborted by the commit that failed over
+            case Failed():
+                if state.inflight is not None:
+                    state.epoch = merge(state.inflight, state.epoch, state.size)
+                state.inflight = state.inflight_id = None
+                state.uploads.clear()  # the failed commit aborted its upload
     return state
-
-
-def _meta(key: str, base: dict[str, Any] | None) -> ObjectMeta | None:
-    if base is None:
-        return None
-    return ObjectMeta(key, base["size"], ETag(base["etag"]), 0.0,
-                      {META_STREAM: base["stream"]} if base.get("stream") else {})
 
 
 @dataclass
@@ -131,14 +135,13 @@ async def recover_spool(
     journals = await trio.to_thread.run_sync(lambda: list(spool.entries()))
     for journal in journals:
         try:
-            records = await trio.to_thread.run_sync(read_journal, journal)
-            state = replay(records)
+            state = replay(await trio.to_thread.run_sync(read_journal, journal))
         except JournalCorrupt as exc:
             log.error("%s; the entry is kept and none of it is committed: inspect it, then "
                       "delete %s and its .data file", exc, journal)
             report.damaged.append(str(journal))
             continue
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError) as exc:
             log.error("spool journal %s is unreadable (%s); left in place", journal, exc)
             continue
         if state.source and state.source != spool.source:
@@ -182,11 +185,11 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
             await entry.close()
             return
         if landed:
-            state.base = {"etag": current.etag, "size": current.size, "stream": current.stream}
+            state.base = base_record(current)
         else:
             state.epoch = merge(state.inflight, state.epoch, state.size)
         state.inflight = None
-    base = _meta(key, state.base)
+    base = state.base.meta(key) if state.base is not None else None
     writer = make_writer(key, base, entry)
     writer.restore(state.size, state.epoch)
     if not writer.pending:

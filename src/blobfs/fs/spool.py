@@ -7,17 +7,17 @@ refused (`ensure_private_dir`), since whatever a spool holds is committed with t
 mounting user's credentials. Files in it are opened with O_NOFOLLOW.
 
 - `NAME.data`, a sparse file whose offsets mirror the new version (holes read as zeros);
-- `NAME.journal`, JSON lines: a header (key, source, base version), then one record per
-  change (W write, T truncate), per commit start (P, with the commit id also sent as blob
-  metadata), per commit end (C committed, F failed) and per server-side upload created
-  before its commit (U: an S3 multipart upload id, a local temp version, for recovery to
-  abort if no C/F follows). Replaying it rebuilds the pending state after a crash
-  (`blobfs.fs.recovery`).
+- `NAME.journal`, JSON lines (`blobfs.fs.journal` owns the records and their format): a
+  header (key, source, base version), then one record per change (W write, T truncate),
+  per commit start (P, with the commit id also sent as blob metadata), per commit end (C
+  committed, F failed) and per server-side upload created before its commit (U: an S3
+  multipart upload id, a local temp version, for recovery to abort if no C/F follows).
+  Replaying it rebuilds the pending state after a crash (`blobfs.fs.recovery`).
 
 Each write puts the bytes, then the record, in one worker-thread call; `write()` returns
 after both, so a killed daemon leaves every acknowledged byte described. A record that
 failed half-way (disk full) is cut off again, so the journal never holds a torn line
-followed by more records. Replay trusts only validated records (`read_journal`): an
+followed by more records. Replay trusts only validated records (`journal.read_journal`): an
 invalid last line is a crash mid-append and is ignored; an invalid record before the last
 is damage (`JournalCorrupt`), and nothing of that entry is committed. The journal is
 rewritten (new file + rename) when it grows large or pending data moves (rebase), so the
@@ -38,7 +38,6 @@ import ctypes
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import secrets
 import stat
@@ -51,6 +50,16 @@ from typing import Any
 import trio
 
 from blobfs.errors import UsageError
+from blobfs.fs.journal import (
+    Base,
+    CommitStart,
+    Header,
+    Record,
+    Truncate,
+    Write,
+    encode,
+    encode_write,
+)
 
 _limiter = trio.CapacityLimiter(4)
 #: Rewrite a journal once it passes this many bytes (keeps replay fast).
@@ -139,8 +148,8 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def new_entry(self, key: str, base: dict[str, Any] | None) -> SpoolEntry:
-        """A new entry for `key` on top of `base` ({etag, size, stream} or None). Blocking."""
+    def new_entry(self, key: str, base: Base | None) -> SpoolEntry:
+        """A new entry for `key` on top of `base` (None: a new file). Blocking."""
         name = f"{hashlib.sha256(key.encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
         return SpoolEntry.create(self.root, name, key, self.source, base)
 
@@ -177,10 +186,10 @@ class SpoolEntry:
 
     @classmethod
     def create(cls, root: Path, name: str, key: str, source: str,
-               base: dict[str, Any] | None) -> SpoolEntry:
+               base: Base | None) -> SpoolEntry:
         data_fd = os.open(root / f"{name}.data",
                           os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        header = _line({"t": "H", "key": key, "source": source, "base": base})
+        header = encode(Header(key, source, base))
         tmp = root / f"{name}.journal.tmp"
         journal_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                              | os.O_NOFOLLOW, 0o600)
@@ -204,8 +213,8 @@ class SpoolEntry:
                    os.fstat(journal_fd).st_size)
 
     # --- blocking bodies ---------------------------------------------------------------
-    def _append_sync(self, record: dict[str, Any]) -> None:
-        self._append_line(_line(record))
+    def _append_sync(self, record: Record) -> None:
+        self._append_line(encode(record))
 
     def _append_line(self, line: bytes) -> None:
         try:
@@ -226,7 +235,7 @@ class SpoolEntry:
         while view:
             n = os.pwrite(self.data_fd, view, pos)
             view, pos = view[n:], pos + n
-        self._append_line(_write_line(off, len(data)))
+        self._append_line(encode_write(off, len(data)))
 
     def _preallocate(self, off: int, size: int) -> None:
         """Allocate the blocks of a write that extends the file, before writing it.
@@ -247,7 +256,7 @@ class SpoolEntry:
     def _truncate_sync(self, size: int) -> None:
         os.ftruncate(self.data_fd, size)
         self._alloc_end = min(self._alloc_end, size)
-        self._append_sync({"t": "T", "s": size})
+        self._append_sync(Truncate(size))
 
     def _read_sync(self, off: int, size: int) -> bytes:
         data = os.pread(self.data_fd, size, off)
@@ -300,7 +309,7 @@ class SpoolEntry:
         """Exactly `size` bytes; holes and the part past the end read as zeros."""
         return await trio.to_thread.run_sync(self._read_sync, off, size, limiter=_limiter)
 
-    async def record(self, **record: Any) -> None:
+    async def record(self, record: Record) -> None:
         """Append a P/C/F/U record: one short line, written on the trio thread like a small
         write (a commit's P record is written while writes to the file wait)."""
         self._append_sync(record)
@@ -318,7 +327,7 @@ class SpoolEntry:
         """Close the files but keep them (the data is still pending)."""
         await trio.to_thread.run_sync(self._close_sync, False, limiter=_limiter)
 
-    async def rewrite(self, base: dict[str, Any] | None, size: int,
+    async def rewrite(self, base: Base | None, size: int,
                       moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]],
                       commit: tuple[str, int] | None = None,
                       after: Sequence[tuple[int, int]] = ()) -> None:
@@ -331,7 +340,7 @@ class SpoolEntry:
         await trio.to_thread.run_sync(self._rewrite_sync, base, size, moves, dirty, commit,
                                       list(after), limiter=_limiter)
 
-    def _rewrite_sync(self, base: dict[str, Any] | None, size: int,
+    def _rewrite_sync(self, base: Base | None, size: int,
                       moves: list[tuple[int, int, int]], dirty: list[tuple[int, int]],
                       commit: tuple[str, int] | None, after: list[tuple[int, int]]) -> None:
         new_name = f"{self.name.split('.')[0]}.{secrets.token_hex(3)}"
@@ -347,19 +356,19 @@ class SpoolEntry:
                     os.pwrite(fd, chunk, dst + pos)
                     pos += len(chunk)
             os.ftruncate(fd, size)
-            lines = [_line({"t": "H", "key": self.key, "source": self.source, "base": base})]
-            if base is not None and size < base["size"]:
-                lines.append(_line({"t": "T", "s": size}))
-            lines += [_line({"t": "W", "o": o, "n": n}) for o, n in dirty]
+            records: list[Record] = [Header(self.key, self.source, base)]
+            if base is not None and size < base.size:
+                records.append(Truncate(size))
+            records += [Write(o, n) for o, n in dirty]
             if commit is not None:
-                lines.append(_line({"t": "P", "id": commit[0], "s": commit[1]}))
-                lines += [_line({"t": "W", "o": o, "n": n}) for o, n in after]
-            if size > max([o + n for o, n in dirty + after] + [base["size"] if base else 0]):
-                lines.append(_line({"t": "T", "s": size}))
+                records.append(CommitStart(*commit))
+                records += [Write(o, n) for o, n in after]
+            if size > max([o + n for o, n in dirty + after] + [base.size if base else 0]):
+                records.append(Truncate(size))
             tmp = self.root / f"{new_name}.journal.tmp"
             jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                           | os.O_NOFOLLOW, 0o600)
-            data = b"".join(lines)
+            data = b"".join(map(encode, records))
             os.write(jfd, data)
         except BaseException:
             os.close(fd)
@@ -376,16 +385,6 @@ class SpoolEntry:
         old_journal.unlink(missing_ok=True)
         old_data.unlink(missing_ok=True)
         self.journal_size = len(data)
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
-
-
-def _write_line(off: int, size: int) -> bytes:
-    """`_line({"t": "W", "o": off, "n": size})`, byte for byte, without the JSON encoder
-    (one per FUSE write)."""
-    return b'{"t":"W","o":%d,"n":%d}\n' % (off, size)
 
 
 _libc_fallocate: Any = None
@@ -412,97 +411,3 @@ def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
     if _libc_fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, size) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-class JournalCorrupt(ValueError):
-    """A journal record that is not the last one is unreadable or invalid: the entry is
-    damaged. Nothing from the damage on may be trusted, so nothing of it is committed."""
-
-    def __init__(self, path: Path, line: int, why: str) -> None:
-        super().__init__(f"spool journal {path} is damaged at line {line}: {why}")
-        self.path = path
-        self.line = line
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
-
-
-def _is_base(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, dict) and isinstance(value.get("etag"), str)
-        and _is_count(value.get("size"))
-        and (value.get("stream") is None or isinstance(value.get("stream"), str)))
-
-
-#: Record kind -> what its fields must hold (replay trusts exactly these).
-_FIELDS: dict[str, dict[str, Any]] = {
-    "H": {"key": lambda v: isinstance(v, str) and v != "",
-          "base": _is_base},
-    "W": {"o": _is_count, "n": _is_count},
-    "T": {"s": _is_count},
-    "P": {"id": lambda v: isinstance(v, str), "s": _is_count},
-    "U": {"token": lambda v: isinstance(v, str) and v != ""},
-    "C": {"etag": lambda v: isinstance(v, str), "size": _is_count,
-          "stream": lambda v: v is None or isinstance(v, str)},
-    "F": {},
-}
-
-
-def check_record(record: Any, first: bool) -> str | None:
-    """Why `record` cannot be replayed (None when it can)."""
-    if not isinstance(record, dict):
-        return f"a {type(record).__name__}, not a record"
-    kind = record.get("t")
-    if first != (kind == "H"):
-        return "the first record must be the header, and only the first"
-    fields = _FIELDS.get(kind) if isinstance(kind, str) else None
-    if fields is None:
-        return f"unknown record type {kind!r}"
-    if kind == "H" and not isinstance(record.get("source", ""), str):
-        return "field 'source' is invalid"
-    for name, valid in fields.items():
-        if not valid(record.get(name)):
-            return f"field {name!r} of a {kind} record is missing or invalid"
-    return None
-
-
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """Validated records of a journal (blocking).
-
-    A torn or invalid *last* line is what a crash mid-append leaves: it was never
-    acknowledged, so it is ignored. An invalid line followed by others is damage.
-
-    Raises:
-        JournalCorrupt: an invalid record before the last one, or no valid header.
-        OSError: the journal cannot be read.
-    """
-    records: list[dict[str, Any]] = []
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    owner = os.fstat(fd).st_uid
-    if owner != os.geteuid():
-        os.close(fd)
-        # Someone else's journal would commit their bytes with our credentials.
-        raise JournalCorrupt(path, 1, f"owned by uid {owner}, not by this user")
-    with open(fd, "rb") as f:
-        lines = f.read().split(b"\n")
-    # The piece after the last newline is a torn line (or b"" after a complete one).
-    complete, torn = lines[:-1], lines[-1]
-    bad: tuple[int, str] | None = None
-    for number, raw in enumerate(complete, 1):
-        try:
-            record = json.loads(raw)
-            why = check_record(record, first=not records and bad is None)
-        except ValueError as exc:
-            why = f"not JSON ({exc})"
-        if bad is not None:
-            raise JournalCorrupt(path, bad[0], bad[1])
-        if why is not None:
-            bad = (number, why)
-            continue
-        records.append(record)
-    if bad is not None and (bad[0] == 1 or torn):
-        raise JournalCorrupt(path, bad[0], bad[1])
-    if not records:
-        raise JournalCorrupt(path, 1, "no header")
-    return records

@@ -19,12 +19,20 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
 from blobfs.errors import NotFound, PreconditionFailed, StoreError, commit_failed
 from blobfs.fs.epoch import Epoch, merge
+from blobfs.fs.journal import (
+    Base,
+    CommitStart,
+    Committed,
+    Failed,
+    Record,
+    Upload,
+    base_record,
+)
 from blobfs.fs.spool import COMPACT_AT, SpoolEntry
 from blobfs.store.base import (
     BlockUpload,
@@ -56,13 +64,6 @@ def lineage_of(base: ObjectMeta | None) -> str:
     return base.stream or rooted_stream(base)
 
 
-def base_record(meta: ObjectMeta | None) -> dict[str, Any] | None:
-    """How a spool journal names a base version."""
-    if meta is None:
-        return None
-    return {"etag": meta.etag, "size": meta.size, "stream": meta.stream}
-
-
 class _SpoolSource(FilePendingSource, RemembersUploads):
     """A FilePendingSource over the spool: a local store copies from its data file."""
 
@@ -79,7 +80,7 @@ class _SpoolSource(FilePendingSource, RemembersUploads):
     async def remember_upload(self, token: str) -> None:
         """Journal server-side state of an unfinished upload, for recovery to clean up."""
         try:
-            await self._spool.record(t="U", token=token)
+            await self._spool.record(Upload(token))
         except OSError as exc:
             # Only cleanup after a crash depends on it: the upload itself goes on.
             log.warning("cannot journal upload %s of %s: %s", token, self._spool.key, exc)
@@ -313,7 +314,7 @@ class FileWriter:
             seq, size, ep = self.write_seq, self.size, self.epoch
             commit_id = ep.commit_id
             try:
-                await self.spool.record(t="P", id=commit_id, s=size)
+                await self.spool.record(CommitStart(commit_id, size))
             except OSError as exc:
                 self.error = commit_failed(f"cannot journal a commit of {self.key}: {exc}")
                 raise self.error from exc
@@ -329,7 +330,7 @@ class FileWriter:
             try:
                 if isinstance(exc, StoreError | OSError):
                     self.error = commit_failed(f"commit of {self.key} failed: {exc}")
-                    await self._record_quietly(t="F")
+                    await self._record_quietly(Failed())
                     raise self.error from exc
                 raise
             finally:
@@ -342,7 +343,7 @@ class FileWriter:
         self.last_commit = time.time()
         self.commits += 1
         try:
-            await self._record_quietly(t="C", **(base_record(meta) or {}))
+            await self._record_quietly(Committed(Base.of(meta)))
         finally:
             # Only now: recovery takes the uploads journalled before a C or F record as
             # finished, so the next epoch's first upload must be journalled after it.
@@ -350,10 +351,10 @@ class FileWriter:
         if self.spool.journal_size > COMPACT_AT:
             await self._compact()
 
-    async def _record_quietly(self, **record: Any) -> None:
+    async def _record_quietly(self, record: Record) -> None:
         """Journal a commit outcome. Losing one only costs a redundant commit at recovery."""
         try:
-            await self.spool.record(**record)
+            await self.spool.record(record)
         except OSError as exc:
             log.warning("cannot journal a commit of %s: %s", self.key, exc)
 
