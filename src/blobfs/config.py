@@ -10,9 +10,9 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blobfs.budget import Budget
 from blobfs.errors import UsageError
@@ -96,76 +96,25 @@ def _default_cache_dir() -> str:
 class Option:
     name: str
     parse: Callable[[str], Any]
+    #: None where the default is worked out at mount time (uid, gid).
     default: Any
     help: str
     flag: bool = False  # may be given without '=value'
 
 
-OPTIONS: dict[str, Option] = {
-    o.name: o
-    for o in [
-        Option(
-            "block_size", parse_size, 8 * MiB,
-            "bytes per staged block; full blocks upload as soon as they fill",
-        ),
-        Option(
-            "commit_interval", parse_seconds, 1.0,
-            "seconds between background commits while a file has pending data",
-        ),
-        Option("metadata_ttl", parse_seconds, 1.0, "seconds attributes (size, etag) are cached"),
-        Option("list_ttl", parse_seconds, 1.0, "seconds directory listings are cached"),
-        Option("readahead_max", parse_size, 64 * MiB, "largest sequential prefetch window"),
-        Option("cache_size", parse_size, 256 * MiB, "size of the shared read block cache"),
-        Option(
-            "cache_dir", parse_nonempty, None,
-            "spool and cache directory, created 0700; an existing one must be owned by the "
-            "mounting user and not writable by others",
-        ),
-        Option("retry_timeout", parse_seconds, 60.0, "seconds transient store errors are retried"),
-        Option(
-            "shutdown_timeout", parse_seconds, 300.0,
-            "seconds the final commit may take at unmount",
-        ),
-        Option("endpoint", str, None, "store endpoint URL (S3-compatible server, Azure endpoint)"),
-        Option("account", str, None, "Azure storage account name"),
-        Option(
-            "api_version", str, None,
-            "Azure REST API version to pin (default: one Azurite accepts)",
-        ),
-        Option(
-            "close", parse_close,
-            "sync", "'sync': close waits for the commit; 'async': close returns once spooled",
-        ),
-        Option(
-            "memory_limit", parse_size, 512 * MiB,
-            "memory for file data: cache_size + 12 x block_size for uploads + 2 MiB per "
-            "FUSE request served at once (what is left, 4 to 32 requests)",
-        ),
-        Option(
-            "metrics", parse_nonempty, None,
-            "serve Prometheus metrics on HOST:PORT (':PORT' alone listens on every interface:"
-            " say so explicitly), or write them to a file path; off when unset",
-        ),
-        Option("uid", parse_id, None, "owner of every file (default: the mounting user)"),
-        Option("gid", parse_id, None, "group of every file (default: the mounting user's group)"),
-        Option("file_mode", parse_mode, 0o644, "permission bits of files (octal)"),
-        Option("dir_mode", parse_mode, 0o755, "permission bits of directories (octal)"),
-        Option("allow_other", parse_bool, False,
-               "let other users use the mount (see the README's Security section)", flag=True),
-        Option("read_only", parse_bool, False, "refuse every change", flag=True),
-        # The HTTP face (blobfs.http, docs/design/http.md); `blobfs serve` takes them too.
-        Option("http", str, None, "also serve the mount over HTTP on HOST:PORT"),
-        Option("http_read_token_file", str, None,
-               "file holding the bearer token GET/HEAD need (required off loopback)"),
-        Option("http_write_token_file", str, None,
-               "file holding the bearer token PUT needs (no file: PUT is refused)"),
-        Option("http_cert", str, None, "PEM certificate (chain) file: serve HTTPS"),
-        Option("http_key", str, None, "PEM private key file for http_cert"),
-        Option("http_cors", str, None,
-               "origin allowed cross-origin for GET, HEAD and PUT; unset: any origin, "
-               "GET and HEAD only"),
-    ]
-}
+_OPTION = "blobfs.option"
+T = TypeVar("T")
+
+
+def option(default: T, parse: Callable[[str], Any], help: str, *, flag: bool = False) -> T:
+    """A `MountConfig` field that is also a `-o` option: its default lives only here."""
+    return field(default=default, metadata={_OPTION: (parse, help, flag)})
+
+
+def option_factory(factory: Callable[[], T], parse: Callable[[str], Any], help: str) -> T:
+    """`option` for a default worked out when the config is built (the mounting user)."""
+    return field(default_factory=factory, metadata={_OPTION: (parse, help, False)})
+
 
 #: Options mount(8), fstab or systemd pass that mean nothing to blobfs (semantics §5).
 #: mount.fuse3 itself adds `dev,suid` (or passes `nodev,nosuid`) and mount(8) adds `rw`.
@@ -221,47 +170,66 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class StoreConfig:
-    """What a store adapter needs: endpoint, account, retries."""
-
-    endpoint: str | None = None
-    account: str | None = None
-    api_version: str | None = None
-    retry_timeout: float = 60.0
-    block_size: int = 8 * MiB
-
-
-@dataclass(frozen=True)
 class MountConfig:
+    """One mount's configuration. Each field made with `option` is the `-o` option of
+    that name (`OPTIONS` is derived from these fields, in this order)."""
+
     source: str
     mountpoint: Path
-    block_size: int = 8 * MiB
-    commit_interval: float = 1.0
-    metadata_ttl: float = 1.0
-    list_ttl: float = 1.0
-    readahead_max: int = 64 * MiB
-    cache_size: int = 256 * MiB
-    cache_dir: Path = Path(_default_cache_dir())
-    retry_timeout: float = 60.0
-    shutdown_timeout: float = 300.0
-    endpoint: str | None = None
-    account: str | None = None
-    api_version: str | None = None
-    close: str = "sync"
-    memory_limit: int = 512 * MiB
-    metrics: str | None = None
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    file_mode: int = 0o644
-    dir_mode: int = 0o755
-    allow_other: bool = False
-    read_only: bool = False
-    http: str | None = None
-    http_read_token_file: str | None = None
-    http_write_token_file: str | None = None
-    http_cert: str | None = None
-    http_key: str | None = None
-    http_cors: str | None = None
+    block_size: int = option(
+        8 * MiB, parse_size, "bytes per staged block; full blocks upload as soon as they fill")
+    commit_interval: float = option(
+        1.0, parse_seconds, "seconds between background commits while a file has pending data")
+    metadata_ttl: float = option(1.0, parse_seconds, "seconds attributes (size, etag) are cached")
+    list_ttl: float = option(1.0, parse_seconds, "seconds directory listings are cached")
+    readahead_max: int = option(64 * MiB, parse_size, "largest sequential prefetch window")
+    cache_size: int = option(256 * MiB, parse_size, "size of the shared read block cache")
+    cache_dir: Path = option(
+        Path(_default_cache_dir()), parse_nonempty,
+        "spool and cache directory, created 0700; an existing one must be owned by the "
+        "mounting user and not writable by others")
+    retry_timeout: float = option(
+        60.0, parse_seconds, "seconds transient store errors are retried")
+    shutdown_timeout: float = option(
+        300.0, parse_seconds, "seconds the final commit may take at unmount")
+    endpoint: str | None = option(
+        None, str, "store endpoint URL (S3-compatible server, Azure endpoint)")
+    account: str | None = option(None, str, "Azure storage account name")
+    api_version: str | None = option(
+        None, str, "Azure REST API version to pin (default: one Azurite accepts)")
+    close: str = option(
+        "sync", parse_close,
+        "'sync': close waits for the commit; 'async': close returns once spooled")
+    memory_limit: int = option(
+        512 * MiB, parse_size,
+        "memory for file data: cache_size + 12 x block_size for uploads + 2 MiB per "
+        "FUSE request served at once (what is left, 4 to 32 requests)")
+    metrics: str | None = option(
+        None, parse_nonempty,
+        "serve Prometheus metrics on HOST:PORT (':PORT' alone listens on every interface:"
+        " say so explicitly), or write them to a file path; off when unset")
+    uid: int = option_factory(
+        os.getuid, parse_id, "owner of every file (default: the mounting user)")
+    gid: int = option_factory(
+        os.getgid, parse_id, "group of every file (default: the mounting user's group)")
+    file_mode: int = option(0o644, parse_mode, "permission bits of files (octal)")
+    dir_mode: int = option(0o755, parse_mode, "permission bits of directories (octal)")
+    allow_other: bool = option(
+        False, parse_bool, "let other users use the mount (see the README's Security section)",
+        flag=True)
+    read_only: bool = option(False, parse_bool, "refuse every change", flag=True)
+    # The HTTP face (blobfs.http, docs/design/http.md); `blobfs serve` takes them too.
+    http: str | None = option(None, str, "also serve the mount over HTTP on HOST:PORT")
+    http_read_token_file: str | None = option(
+        None, str, "file holding the bearer token GET/HEAD need (required off loopback)")
+    http_write_token_file: str | None = option(
+        None, str, "file holding the bearer token PUT needs (no file: PUT is refused)")
+    http_cert: str | None = option(None, str, "PEM certificate (chain) file: serve HTTPS")
+    http_key: str | None = option(None, str, "PEM private key file for http_cert")
+    http_cors: str | None = option(
+        None, str,
+        "origin allowed cross-origin for GET, HEAD and PUT; unset: any origin, "
+        "GET and HEAD only")
     foreground: bool = False
     debug: bool = False
 
@@ -297,20 +265,48 @@ class MountConfig:
         )
 
 
+
+#: MountConfig's defaults by field name (None for those worked out at mount time).
+_DEFAULTS: dict[str, Any] = {
+    f.name: None if f.default is MISSING else f.default for f in fields(MountConfig)}
+
+#: Every `-o` option, from MountConfig's `option` fields: their one list of defaults.
+OPTIONS: dict[str, Option] = {
+    f.name: Option(f.name, f.metadata[_OPTION][0], _DEFAULTS[f.name], f.metadata[_OPTION][1],
+                   f.metadata[_OPTION][2])
+    for f in fields(MountConfig) if _OPTION in f.metadata
+}
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What a store adapter needs: endpoint, account, retries (MountConfig's defaults)."""
+
+    endpoint: str | None = None
+    account: str | None = None
+    api_version: str | None = None
+    retry_timeout: float = _DEFAULTS["retry_timeout"]
+    block_size: int = _DEFAULTS["block_size"]
+
+
+def shown_default(opt: Option) -> str:
+    """An option's default as `--help` shows it (and as `-o` would take it back)."""
+    default = opt.default
+    if opt.name == "cache_dir":
+        return _default_cache_dir()
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, int) and default >= MiB:
+        return f"{default // MiB}M"
+    if isinstance(default, int) and opt.name.endswith("mode"):
+        return oct(default)[2:]
+    return "none" if default is None else str(default)
+
+
 def options_help() -> str:
     lines = []
     for opt in OPTIONS.values():
-        default = opt.default
-        if opt.name == "cache_dir":
-            default = _default_cache_dir()
-        elif isinstance(default, int) and not isinstance(default, bool) and default >= MiB:
-            default = f"{default // MiB}M"
-        elif isinstance(default, int) and opt.name.endswith("mode"):
-            default = oct(default)[2:]
-        elif isinstance(default, bool):
-            default = "on" if default else "off"
-        elif default is None:
-            default = "none"
         said = "(default" in opt.help  # the help text names its own default
-        lines.append(f"  {opt.name:<17} {opt.help}" + ("" if said else f" (default: {default})"))
+        lines.append(f"  {opt.name:<17} {opt.help}"
+                     + ("" if said else f" (default: {shown_default(opt)})"))
     return "\n".join(lines)
