@@ -2,29 +2,28 @@
 
 Useful when a mount cannot be started again (the machine moved, the mountpoint is gone):
 it replays every journal under CACHE_DIR/spool, prints one line per pending file, and
-unless `--list` is given commits them exactly as a mount's startup recovery would.
+unless `--list` is given commits them exactly as a mount's startup recovery would: its
+`-o` options make the same `MountConfig` (defaults and checks included), whose store
+config opens the store and whose `Filesystem` makes the writers, as for a mount.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from blobfs.args import parser
-from blobfs.config import MountConfig, StoreConfig, parse_options
+from blobfs.config import MountConfig, parse_options
 from blobfs.errors import StoreError, UsageError
+from blobfs.fs.core import Filesystem
 from blobfs.fs.journal import JournalCorrupt, read_journal
 from blobfs.fs.recovery import recover_spool, replay
-from blobfs.fs.spool import Spool, SpoolEntry
-from blobfs.fs.writer import FileWriter
+from blobfs.fs.spool import Spool
 from blobfs.store import open_store
-from blobfs.store.base import ObjectStore
-from blobfs.types import ObjectMeta
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +46,19 @@ def _sources(cache_dir: Path, damaged: list[str]) -> dict[str, list[tuple[str, i
     return found
 
 
-def _make_writer(key: str, base: ObjectMeta | None, entry: SpoolEntry, *,
-                 store: ObjectStore, block_size: int, spawn: Callable[..., None],
-                 stage_limiter: trio.CapacityLimiter) -> FileWriter:
-    return FileWriter(key, base, entry, store, block_size=block_size, spawn=spawn,
-                      stage_limiter=stage_limiter)
-
-
-async def _commit_all(cache_dir: Path, sources: list[str], cfg: StoreConfig) -> int:
+async def _commit_all(sources: list[str], values: dict[str, Any]) -> int:
     failures = 0
     for source in sources:
-        store = open_store(source, cfg)
-        spool = Spool(cache_dir, source)
+        # What `blobfs mount SOURCE -o ...` would build: store config, writers and all.
+        cfg = MountConfig.build(source, "/", values)
+        store = open_store(cfg.source, cfg.store)
+        spool = Spool(cfg.cache_dir, cfg.source)
         spool.prepare()
         try:
             async with trio.open_nursery() as nursery:
-                limiter = trio.CapacityLimiter(4)
-
-                make_writer = functools.partial(
-                    _make_writer, store=store, block_size=cfg.block_size,
-                    spawn=nursery.start_soon, stage_limiter=limiter)
-                report = await recover_spool(store, spool, make_writer)
+                fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
+                                       invalidate=lambda ino: None)
+                report = await recover_spool(store, spool, fs.make_writer)
                 for writer in report.writers:
                     await writer.spool.close()
             print(f"{source}: {report.summary()}")
@@ -88,10 +79,15 @@ def cmd_recover(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="only show what is pending")
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.add_argument("-o", dest="options", action="append", default=[],
-                   help="store options such as endpoint=URL or account=NAME")
+                   help="the mount's options, as for blobfs mount (endpoint=URL, "
+                        "account=NAME, block_size=SIZE, ...)")
     args = p.parse_args(argv)
     values = parse_options(args.options)
-    cache_dir = args.cache_dir or MountConfig.build("file:///", "/", {}).cache_dir
+    if args.cache_dir is not None:
+        values["cache_dir"] = str(args.cache_dir)
+    # Built, defaulted and checked as for `blobfs mount`; each source is filled in later.
+    cfg = MountConfig.build("file:///", "/", values)
+    cache_dir = cfg.cache_dir
     if not (cache_dir / "spool").is_dir():
         raise UsageError(f"no spool in {cache_dir}: pass the mount's --cache-dir")
     damaged: list[str] = []
@@ -113,7 +109,4 @@ def cmd_recover(argv: list[str]) -> int:
             print("the spool is empty")
     if args.list or not found:
         return 1 if damaged else 0
-    cfg = StoreConfig(endpoint=values.get("endpoint"), account=values.get("account"),
-                      api_version=values.get("api_version"),
-                      retry_timeout=values.get("retry_timeout", 60.0))
-    return 1 if trio.run(_commit_all, cache_dir, list(found), cfg) or damaged else 0
+    return 1 if trio.run(_commit_all, list(found), values) or damaged else 0

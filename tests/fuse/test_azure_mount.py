@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -17,10 +18,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
+from blobfs.fs.spool import Spool
 from blobfs.store.azure.layout import DEFAULT_API_VERSION, max_committed_blocks
 from tests.support import azure_env
 from tests.support.envs import StoreEnv
-from tests.support.mounting import mounted
+from tests.support.mounting import blobfs_cmd, mount_env, mounted
 from tests.support.proxy import Proxy
 from tests.support.waiting import read_until
 
@@ -141,3 +143,26 @@ def test_open_handle_follows_appends_proven_by_block_list(
         assert read_until(f, len(b"second line\n"), 20) == b"second line\n"
         assert f.read() == b"", "nothing after the appended line"
 
+
+def test_recover_commits_with_the_mounts_block_size(
+    azenv: StoreEnv, raw: ContainerClient, tmp_path: Path
+) -> None:
+    # `blobfs recover` builds its store and writers from -o like mount does: block_size
+    # lays out the blocks it commits (it used to be dropped: one 8 MiB-sized block).
+    cache = tmp_path / "cache"
+    data = os.urandom(3 * BLOCK)
+    spool = Spool(cache, azenv.url)
+    spool.prepare()
+    try:
+        entry = spool.new_entry("rec.bin", None)  # what a killed mount leaves
+        entry._write_sync(0, data)
+        entry._close_sync(False)
+    finally:
+        spool.release()
+    options = ",".join([*azenv.options, f"block_size={BLOCK}"])
+    res = subprocess.run(blobfs_cmd("recover", "--cache-dir", str(cache), "-o", options),
+                         capture_output=True, text=True, env=mount_env(azenv), timeout=60)
+    assert res.returncode == 0 and "1 committed" in res.stdout, res.stdout + res.stderr
+    blob = raw.get_blob_client("pfx/rec.bin")
+    assert blob.download_blob().readall() == data
+    assert [b.size for b in blob.get_block_list("committed")[0]] == [BLOCK] * 3
