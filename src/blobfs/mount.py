@@ -34,7 +34,6 @@ from blobfs.config import MountConfig
 from blobfs.errors import UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.journal import JournalCorrupt, read_journal
-from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool, ensure_private_dir
 from blobfs.fuse_ops import FuseOps
 from blobfs.log import redact
@@ -260,13 +259,8 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
             telemetry.damaged = await trio.to_thread.run_sync(_report_left_spool, spool)
         else:
             # Finish what a crashed run left in the spool before serving (semantics §4).
-            report = await recover_spool(store, spool, fs.make_writer)
-            telemetry.damaged = report.damaged
-            for writer in report.writers:
-                fs.adopt(writer)
-            # Commits like any other: STATUS, `blobfs status` and metrics count them (the
-            # metered store already counted their bytes).
-            fs.count_recovered(len(report.committed) + len(report.recovered_copies))
+            # Its commits count like any other (the metered store counted their bytes).
+            telemetry.damaged = (await fs.recover()).damaged
         ops = FuseOps(fs)
         runtime_ok = await trio.to_thread.run_sync(prepare_runtime_dir)
         control = await open_control_listener(control_socket(cfg.mountpoint)) \

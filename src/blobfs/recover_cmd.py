@@ -21,7 +21,7 @@ from blobfs.config import MountConfig, parse_options
 from blobfs.errors import StoreError, UsageError
 from blobfs.fs.core import Filesystem
 from blobfs.fs.journal import JournalCorrupt, read_journal
-from blobfs.fs.recovery import recover_spool, replay
+from blobfs.fs.recovery import replay
 from blobfs.fs.spool import Spool
 from blobfs.store import open_store
 
@@ -58,9 +58,7 @@ async def _commit_all(sources: list[str], values: dict[str, Any]) -> int:
             async with trio.open_nursery() as nursery:
                 fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                        invalidate=lambda ino: None)
-                report = await recover_spool(store, spool, fs.make_writer)
-                for writer in report.writers:
-                    await writer.spool.close()
+                report = await fs.recover(adopt=False)
             print(f"{source}: {report.summary()}")
             failures += len(report.left_pending)
         except StoreError as exc:

@@ -21,7 +21,6 @@ from blobfs.budget import tune_malloc
 from blobfs.config import MountConfig, options_help, parse_options
 from blobfs.errors import UsageError
 from blobfs.fs.core import Filesystem
-from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool
 from blobfs.http.settings import from_options
 from blobfs.preflight import check_store
@@ -77,9 +76,7 @@ async def serve(cfg: MountConfig, listen: str, *, notifier: Notifier | None = No
         async with trio.open_nursery() as nursery:
             fs = Filesystem.create(store, cfg, spool=spool, nursery=nursery,
                                    invalidate=lambda ino: None)
-            report = await recover_spool(store, spool, fs.make_writer)
-            for writer in report.writers:
-                fs.adopt(writer)
+            await fs.recover()
             settings = await http.start(cfg, fs, nursery, listen)
             notifier.ready(status=f"serving {store.display} on {settings.url}")
             nursery.start_soon(systemd.run_watchdog, notifier)

@@ -21,6 +21,7 @@ from blobfs.errors import (
 from blobfs.fs.inodes import Inode
 from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr
+from blobfs.fs.recovery import RecoveryReport, recover_spool
 from blobfs.fs.spool import SpoolEntry
 from blobfs.fs.writer import FileWriter, base_record
 from blobfs.types import ObjectMeta
@@ -97,6 +98,23 @@ class Commits(CoreParts):
         return FileWriter(key, base, entry, self.store, block_size=self.cfg.block_size,
                           spawn=self._spawn, stage_limiter=self._stage_limiter,
                           commit_limiter=self._commit_limiter)
+
+    async def recover(self, *, adopt: bool = True) -> RecoveryReport:
+        """Commit what earlier runs left in the spool (semantics §4); call before serving.
+
+        Writers that cannot commit yet (store down) are adopted, so the commit timer keeps
+        retrying them; with `adopt=False` (`blobfs recover`, which does not stay) they are
+        closed and their entries stay in the spool. Recovered commits are counted like any
+        other (status, metrics). Blocks on the store.
+        """
+        report = await recover_spool(self.store, self.spool, self.make_writer)
+        for writer in report.writers:
+            if adopt:
+                self.adopt(writer)
+            else:
+                await writer.spool.close()
+        self.stats.commits += len(report.committed) + len(report.recovered_copies)
+        return report
 
     def adopt(self, writer: FileWriter) -> None:
         """Take over a writer recovery could not finish, so the timer keeps retrying it."""

@@ -130,11 +130,6 @@ class Filesystem(Namespace, Commits):
         `on_change`); one watcher, the HTTP face's."""
         self.on_change = fn
 
-    def count_recovered(self, commits: int) -> None:
-        """Count commits that spool recovery made before this mount served: they are
-        commits like any other for status and metrics."""
-        self.stats.commits += commits
-
     # --- attributes -----------------------------------------------------------------
     def _attr(self, inode: Inode) -> Attr:
         cfg = self.cfg

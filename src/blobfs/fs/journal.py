@@ -66,12 +66,16 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class Write:
+    """`size` bytes at `off` are in the data file (acknowledged to the writer)."""
+
     off: int
     size: int
 
 
 @dataclass(frozen=True, slots=True)
 class Truncate:
+    """The file was cut (or extended with zeros) to `size` bytes."""
+
     size: int
 
 
@@ -93,12 +97,14 @@ class Upload:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
+    """The commit in flight landed as `base`: what it sent is no longer pending."""
+
     base: Base
 
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    pass
+    """The commit in flight failed: its bytes are pending again."""
 
 
 Record = Header | Write | Truncate | CommitStart | Upload | Committed | Failed
