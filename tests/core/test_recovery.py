@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from blobfs.errors import TransientError
+from blobfs.fs.journal import base_record
 from blobfs.fs.recovery import recover_spool
 from blobfs.fs.spool import Spool
-from blobfs.fs.writer import base_record
 from blobfs.store.base import put_bytes, read_all
 from blobfs.store.memory import MemoryStore
 from tests.core.harness import running_fs

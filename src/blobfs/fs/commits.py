@@ -19,11 +19,12 @@ from blobfs.errors import (
     too_big,
 )
 from blobfs.fs.inodes import Inode
+from blobfs.fs.journal import base_record
 from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr
 from blobfs.fs.recovery import RecoveryReport, recover_spool
 from blobfs.fs.spool import SpoolEntry
-from blobfs.fs.writer import FileWriter, base_record
+from blobfs.fs.writer import FileWriter
 from blobfs.types import ObjectMeta
 
 log = logging.getLogger(__name__)

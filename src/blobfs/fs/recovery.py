@@ -38,7 +38,6 @@ from blobfs.fs.journal import (
     Truncate,
     Upload,
     Write,
-    base_record,
     read_journal,
 )
 from blobfs.fs.spool import Spool, SpoolEntry
@@ -185,7 +184,7 @@ async def _recover_one(store: ObjectStore, state: Replayed, entry: SpoolEntry,
             await entry.close()
             return
         if landed:
-            state.base = base_record(current)
+            state.base = Base.of(current)
         else:
             state.epoch = merge(state.inflight, state.epoch, state.size)
         state.inflight = None
