@@ -1,5 +1,6 @@
 """Blocking file primitives of the local store, beneath its root: the names it keeps in
-DIR/.blobfs, ETags and metadata in xattrs, temp versions and in-kernel copies.
+DIR/.blobfs, ETags and metadata in xattrs, temp versions, in-kernel copies, and the
+translation of OS errors into store errors (`classify`).
 
 Everything here runs in a worker thread and opens paths only through a `Tree` (never
 following links). It knows nothing of locking, commits or the store protocol.

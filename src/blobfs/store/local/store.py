@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalStore(Publishing, DropsOrphans):
+    """The `ObjectStore` of a `file:///DIR` source (see the package docstring)."""
+
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root
         self.tree = Tree(root)
@@ -52,7 +54,6 @@ class LocalStore(Publishing, DropsOrphans):
         self._rest_of_listing: dict[tuple[str, str, str | None],
                                     tuple[list[tuple[str, bool]], int]] = {}
         self._rest_lock = threading.Lock()
-
 
     # --- blocking bodies (run in worker threads) ------------------------------------------
     def _check_sync(self) -> None:
@@ -210,7 +211,8 @@ class LocalStore(Publishing, DropsOrphans):
         finally:
             unlink_quiet(self.tree, tmp)
 
-    def _mkdir_sync(self, key: str) -> ObjectMeta:
+    def mkdir_sync(self, key: str) -> ObjectMeta:
+        """Commit a "dir/" marker: make the directory (blocking; `DirUpload.commit`)."""
         self.tree.mkdirs(self._path(key), mode=self._modes()[1])
         return self._head_sync(key)
 

@@ -157,7 +157,7 @@ class DirUpload:
                      metadata: Mapping[str, str]) -> ObjectMeta:
         if size:
             raise BadRequest("directory markers hold no data")
-        return await self._store.io.call("write", self._store._mkdir_sync, self.key)
+        return await self._store.io.call("write", self._store.mkdir_sync, self.key)
 
     async def abort(self) -> None:
         pass
