@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 
 _SECRET_PATTERNS = [
     # URL userinfo (https://user:password@host) and query strings (presigned URLs, SAS
@@ -46,10 +47,11 @@ _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ER
                logging.CRITICAL: 2}
 
 
-def redact(text: str) -> str:
-    """`text` with every credential we can recognise replaced by `<redacted>`."""
-    for name in _ENV_SECRETS:
-        value = os.environ.get(name)
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every credential we can recognise replaced by `<redacted>`: the
+    patterns above, the values of the secret environment variables, and `secrets` (values
+    a store was configured with)."""
+    for value in (*(os.environ.get(name) for name in _ENV_SECRETS), *secrets):
         if value and len(value) >= 8:
             text = text.replace(value, "<redacted>")
     for pattern in _SECRET_PATTERNS:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from blobfs.config import StoreConfig
 from blobfs.errors import UsageError
+from blobfs.log import redact
 from blobfs.store.azure.credentials import resolve_access
-from blobfs.store.azure.errors import redact
 from blobfs.store.azure.layout import ladder_suffix, max_committed_blocks, plan_merges
 from tests.support import azure_env
 
@@ -100,6 +100,6 @@ def test_credentials_are_resolved_from_options_and_environment() -> None:
     anon = resolve_access(StoreConfig(account="pub"), {})
     assert anon.source in ("anonymous", "azure-identity")
     assert (
-        redact("x?sv=1&sig=abc%3D&se=2 AccountKey=zzz;", ["never"])
-        == "x?sv=1&sig=***&se=2 AccountKey=***;"
+        redact("x?sv=1&sig=abc%3D&se=2 AccountKey=zzz; key=k3yk3yk3y", ["k3yk3yk3y"])
+        == "x?sv=1&sig=<redacted>&se=2 AccountKey=<redacted>; key=<redacted>"
     )

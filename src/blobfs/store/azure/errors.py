@@ -1,12 +1,11 @@
-"""Azure failures as `blobfs.errors` (the one `classify`), and the redaction of SAS
-signatures, account keys and known secrets in this adapter's and the SDK's log records.
+"""Azure failures as `blobfs.errors` (the one `classify`), and the redaction (by
+`blobfs.log.redact`) of SAS signatures, account keys and known secrets in the SDK's log
+records.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable
 
 import requests
 from azure.core.exceptions import (
@@ -27,6 +26,7 @@ from blobfs.errors import (
     Throttled,
     TransientError,
 )
+from blobfs.log import redact
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ for _name in (
     logging.getLogger(_name).addFilter(_RedactFilter())
 
 
-_SAS_SIG = re.compile(r"(sig=)[^&\s'\"]+", re.IGNORECASE)
-_ACCOUNT_KEY = re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE)
-
-
 # --- errors ------------------------------------------------------------------------------
 _THROTTLE_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
 _TOO_LARGE_CODES = {
@@ -85,15 +81,6 @@ def _error_code(exc: HttpResponseError) -> str:
     if not code and exc.response is not None:
         code = getattr(exc.response, "headers", {}).get("x-ms-error-code")
     return str(code or "")
-
-
-def redact(text: str, secrets_: Iterable[str] = ()) -> str:
-    """`text` with SAS signatures, account keys and the given secret values masked."""
-    for value in secrets_:
-        if value and len(value) >= 8:
-            text = text.replace(value, "***")
-    text = _SAS_SIG.sub(r"\1***", text)
-    return _ACCOUNT_KEY.sub(r"\1***", text)
 
 
 def classify(exc: BaseException) -> StoreError:

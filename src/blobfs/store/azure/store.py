@@ -39,9 +39,10 @@ from blobfs.errors import (
     TransientError,
     UsageError,
 )
+from blobfs.log import redact
 from blobfs.store._blocking import Blocking
 from blobfs.store.azure.credentials import _Access, _display_url, resolve_access
-from blobfs.store.azure.errors import _KNOWN_SECRETS, classify, redact
+from blobfs.store.azure.errors import _KNOWN_SECRETS, classify
 from blobfs.store.azure.layout import (
     DEFAULT_API_VERSION,
     LAYOUT_CACHE_BLOCKS,

@@ -24,6 +24,7 @@ from blobfs.errors import (
     TransientError,
     UsageError,
 )
+from blobfs.log import redact
 from blobfs.store._blocking import DEFAULT_LIMITS, Blocking
 from blobfs.store.base import (
     CountsRetries,
@@ -64,7 +65,7 @@ class S3Store(DropsOrphans, CountsRetries):
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = endpoint
-        where = f" at {_redact_url(endpoint)}" if endpoint else ""
+        where = f" at {redact(endpoint).rstrip('/')}" if endpoint else ""
         self.display = f"s3://{bucket}/{prefix}{where}"
         self.limits = dict(DEFAULT_LIMITS)
         self._blocking = Blocking(classify, retry_timeout=cfg.retry_timeout, limits=self.limits)
@@ -152,7 +153,7 @@ class S3Store(DropsOrphans, CountsRetries):
             missing=f"no bucket named '{self.bucket}'",
             # The mount's one-line error adds the fix; say what S3 said and about what.
             denied=lambda exc: f"{str(exc).split(': ', 1)[-1]} (bucket '{self.bucket}')",
-            where=_redact_url(self.endpoint) if self.endpoint else "AWS S3",
+            where=redact(self.endpoint).rstrip("/") if self.endpoint else "AWS S3",
             detail=lambda exc: type(exc.__cause__).__name__ if exc.__cause__ else str(exc),
         ):
             await self._call("meta", "list_objects_v2", Prefix=self.prefix, MaxKeys=1,
@@ -398,17 +399,6 @@ class S3Store(DropsOrphans, CountsRetries):
             await trio.lowlevel.checkpoint()
 
 
-def _redact_url(url: str | None) -> str:
-    """An endpoint for logs: user:password@ and query strings (presigned bits) removed."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
-
-
 def open_s3(url: str, cfg: StoreConfig) -> S3Store:
     """Build the store for `s3://BUCKET[/PREFIX]`; no network traffic until `check()`.
 
@@ -424,7 +414,7 @@ def open_s3(url: str, cfg: StoreConfig) -> S3Store:
     endpoint = (cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or None)
     if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
-        raise UsageError(f"bad endpoint '{_redact_url(endpoint) or endpoint}': use "
+        raise UsageError(f"bad endpoint '{redact(endpoint)}': use "
                          "-o endpoint=http(s)://HOST[:PORT]")
     if not 3 <= len(bucket) <= 63 or bucket != bucket.strip():
         raise UsageError(f"'{bucket}' is not a valid S3 bucket name (3-63 characters)")
