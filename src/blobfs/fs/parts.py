@@ -1,10 +1,11 @@
 """What the parts of `Filesystem` share, declared once so the type checker sees it.
 
-`Filesystem` (fs/core.py) joins `Namespace` (fs/namespace.py) and `Commits`
-(fs/commits.py): its `__init__` builds the mount's state and each part calls methods
-the others define. `CoreParts` names that state and those methods; both parts inherit it,
-so mypy checks each use against one declaration and checks that `Filesystem` defines
-every method. It holds no behaviour and no state of its own.
+`Filesystem` (fs/core.py) joins `Namespace` (fs/namespace.py), `Renames`
+(fs/renames.py), `Commits` (fs/commits.py) and `Reads` (fs/reads.py): its `__init__`
+builds the mount's state and each part calls methods the others define. `CoreParts`
+names that state and those methods; every part inherits it, so mypy checks each use
+against one declaration and checks that `Filesystem` defines every method. It holds no
+behaviour and no state of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from blobfs.config import MountConfig
     from blobfs.errors import FsError
     from blobfs.fs.inodes import Inode, InodeTable
+    from blobfs.fs.reader import Reader
     from blobfs.fs.records import Attr, Handle, Listing, Stats
     from blobfs.fs.spool import Spool
     from blobfs.fs.writer import FileWriter
@@ -34,6 +36,7 @@ class CoreParts(Protocol):
     cfg: MountConfig
     spool: Spool
     inodes: InodeTable
+    reader: Reader
     stats: Stats
     shutting_down: bool
     on_change: Callable[[Inode, bool], None]
@@ -56,13 +59,19 @@ class CoreParts(Protocol):
     async def _refresh(self, inode: Inode, *, force: bool = False) -> None: ...
     async def _observe(self, inode: Inode, new: ObjectMeta | None) -> Inode: ...
     def _end_generation(self, inode: Inode, end: FsError) -> None: ...
+    def _check(self, h: Handle, off: int = 0) -> bool: ...
     def _writable(self) -> None: ...
     def _new_handle(self, inode: Inode, flags: int) -> Handle: ...
     async def release(self, fh: int) -> None: ...
 
     # --- defined in fs/namespace.py (Namespace) --------------------------------------
+    def _child_key(self, parent: Inode, name: str) -> str: ...
+    async def _find(self, parent: Inode, name: str) -> Inode: ...
     def _drop_listing(self, dir_key: str) -> None: ...
     def _note_create(self, inode: Inode) -> None: ...
+
+    # --- defined in fs/renames.py (Renames) ------------------------------------------
+    async def _remove_name(self, inode: Inode, *, delete: bool) -> None: ...
 
     # --- defined in fs/commits.py (Commits) ------------------------------------------
     async def _writer(self, inode: Inode, *, key_locked: bool = False) -> FileWriter: ...
