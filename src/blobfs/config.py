@@ -103,15 +103,15 @@ class Option:
 
 
 _OPTION = "blobfs.option"
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-def option(default: T, parse: Callable[[str], Any], help: str, *, flag: bool = False) -> T:
+def option(default: _T, parse: Callable[[str], Any], help: str, *, flag: bool = False) -> _T:
     """A `MountConfig` field that is also a `-o` option: its default lives only here."""
     return field(default=default, metadata={_OPTION: (parse, help, flag)})
 
 
-def option_factory(factory: Callable[[], T], parse: Callable[[str], Any], help: str) -> T:
+def option_factory(factory: Callable[[], _T], parse: Callable[[str], Any], help: str) -> _T:
     """`option` for a default worked out when the config is built (the mounting user)."""
     return field(default_factory=factory, metadata={_OPTION: (parse, help, False)})
 
@@ -263,7 +263,6 @@ class MountConfig:
             retry_timeout=self.retry_timeout,
             block_size=self.block_size,
         )
-
 
 
 #: MountConfig's defaults by field name (None for those worked out at mount time).
