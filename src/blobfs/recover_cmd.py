@@ -2,9 +2,8 @@
 
 Useful when a mount cannot be started again (the machine moved, the mountpoint is gone):
 it replays every journal under CACHE_DIR/spool, prints one line per pending file, and
-unless `--list` is given commits them exactly as a mount's startup recovery would: its
-`-o` options make the same `MountConfig` (defaults and checks included), whose store
-config opens the store and whose `Filesystem` makes the writers, as for a mount.
+unless `--list` is given commits them exactly as a mount's startup recovery would, with
+the mount's `-o` options (their defaults and checks included).
 """
 
 from __future__ import annotations
@@ -49,7 +48,8 @@ def _sources(cache_dir: Path, damaged: list[str]) -> dict[str, list[tuple[str, i
 async def _commit_all(sources: list[str], values: dict[str, Any]) -> int:
     failures = 0
     for source in sources:
-        # What `blobfs mount SOURCE -o ...` would build: store config, writers and all.
+        # What `blobfs mount SOURCE -o ...` builds: the config, its store config, and a
+        # Filesystem whose writers and start-up recovery are the mount's own.
         cfg = MountConfig.build(source, "/", values)
         store = open_store(cfg.source, cfg.store)
         spool = Spool(cfg.cache_dir, cfg.source)
