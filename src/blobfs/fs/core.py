@@ -455,6 +455,12 @@ class Filesystem(Namespace, Renames, Commits, Reads):
                 retrying, from the store requests it makes.
         """
         inode = self._inode(ino)
+        if not name.startswith("user."):
+            # No security labels or POSIX ACLs here, as a local filesystem says of a
+            # namespace it does not support. ENODATA would make `ls -l` ask twice per
+            # entry (security.selinux, system.posix_acl_access), a request each; ENOTSUP
+            # makes it stop asking for the whole mount after the first.
+            raise FsError(errno.ENOTSUP)
         if inode.is_dir or name not in XATTRS:
             raise FsError(errno.ENODATA)
         await self._refresh(inode)
