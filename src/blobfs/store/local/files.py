@@ -45,8 +45,8 @@ def classify(exc: BaseException) -> StoreError:
     return StoreError(f"{type(exc).__name__}: {exc}")
 
 
-def etag_of(fd: int) -> ETag:
-    st = os.fstat(fd)
+def etag_of(fd: int, st: os.stat_result | None = None) -> ETag:
+    st = st or os.fstat(fd)
     try:
         token = os.getxattr(fd, XATTR_TOKEN).decode()
     except OSError:
@@ -62,13 +62,13 @@ def is_appending(fd: int) -> bool:
     return True
 
 
-def meta_of(key: str, fd: int) -> ObjectMeta:
-    st = os.fstat(fd)
+def meta_of(key: str, fd: int, st: os.stat_result | None = None) -> ObjectMeta:
+    st = st or os.fstat(fd)
     try:
         metadata = metadata_from_store(json.loads(os.getxattr(fd, XATTR_META)))
     except (OSError, ValueError):
         metadata = {}
-    return ObjectMeta(key, st.st_size, etag_of(fd), st.st_mtime, metadata)
+    return ObjectMeta(key, st.st_size, etag_of(fd, st), st.st_mtime, metadata)
 
 
 def stamp(fd: int, metadata: dict[str, str]) -> None:
@@ -166,12 +166,13 @@ def entries(dfd: int) -> list[tuple[str, bool]]:
     try:
         with os.scandir(dfd) as it:
             for entry in it:
+                # The kind from the directory entry itself (d_type): no stat per entry.
                 try:
-                    mode = entry.stat(follow_symlinks=False).st_mode
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if is_dir or entry.is_file(follow_symlinks=False):
+                        out.append((entry.name, is_dir))
                 except OSError:
                     continue  # deleted while listing
-                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-                    out.append((entry.name, stat.S_ISDIR(mode)))
     finally:
         os.close(dfd)
     return out
