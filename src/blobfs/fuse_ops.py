@@ -11,11 +11,13 @@ import errno
 import functools
 import logging
 import os
+import signal
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from blobfs.errors import errno_for
 from blobfs.fs.core import Attr, DirStream, Filesystem
@@ -58,6 +60,8 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
         @functools.wraps(fn)
         async def handler(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
             try:
+                if op in _ABANDONABLE and isinstance(self, FuseOps):
+                    return await self.requests.run(_caller(args), fn, self, *args, **kwargs)
                 return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
@@ -80,6 +84,86 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
         return handler
 
     return wrap
+
+
+#: Requests that only ask (no change lands anywhere): one whose caller is gone can be
+#: dropped half way, and is when its caller is killed or the mount stops (`Requests`).
+_ABANDONABLE = frozenset({"lookup", "getattr", "opendir", "getxattr", "listxattr", "statfs"})
+
+
+def _caller(args: tuple[Any, ...]) -> int:
+    """The thread id the kernel says made a request (0 when it says none)."""
+    for a in args:
+        if isinstance(a, pyfuse3.RequestContext):
+            return int(a.pid)
+    return 0
+
+
+def _being_killed(tid: int) -> bool:
+    """Whether thread `tid` is gone, exiting, or has a fatal signal pending: a fatal
+    signal shows as SIGKILL pending (the kernel turns it into one for every thread)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return True
+    kill_bit = 1 << (signal.SIGKILL - 1)
+    for line in status.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill_bit:
+            return True
+        if line.startswith(b"State:") and line.split()[1] in (b"Z", b"X"):
+            return True
+    return False
+
+
+class Requests:
+    """The asking requests (`_ABANDONABLE`) in flight, so they can be dropped.
+
+    pyfuse3 does not pass FUSE_INTERRUPT on, and its main loop returns only once every
+    request running has finished: a lookup paging a 100,000-entry listing from a slow
+    store would keep a killed `ls` in the kernel and the daemon alive after the unmount
+    for as long as that paging takes. `reap` drops those whose caller is being killed,
+    `abandon_all` every one (the mount is stopping); each ends with EINTR, which nobody
+    reads.
+    """
+
+    #: A request is checked once it has run this long: most end well before.
+    CHECK_AFTER = 0.5
+
+    def __init__(self) -> None:
+        self._running: dict[trio.CancelScope, tuple[int, float]] = {}
+
+    async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        with trio.CancelScope() as scope:
+            self._running[scope] = (tid, trio.current_time())
+            try:
+                return await fn(*args)
+            finally:
+                del self._running[scope]
+        raise pyfuse3.FUSEError(errno.EINTR)  # dropped: the caller is gone
+
+    def abandon_all(self) -> None:
+        for scope in self._running:
+            scope.cancel()
+
+    def reap(self) -> int:
+        """Drop the requests running for over CHECK_AFTER whose caller is being killed;
+        how many (blocking: reads /proc, once per such request)."""
+        now = trio.current_time()
+        dropped = 0
+        for scope, (tid, started) in list(self._running.items()):
+            if tid and now - started >= self.CHECK_AFTER and _being_killed(tid):
+                scope.cancel()
+                dropped += 1
+        return dropped
+
+    async def run_reaper(self, period: float = 0.5) -> None:
+        """Check the running requests every `period` seconds, forever."""
+        while True:
+            await trio.sleep(period)
+            n = self.reap()
+            if n:
+                log.debug("dropped %d request(s) whose caller is being killed", n)
 
 
 def _appends(flags: int) -> bool:
@@ -158,6 +242,7 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.replies = ErrorReplies(fs.errno_replies)
+        self.requests = Requests()
         self._dirs: dict[int, DirStream] = {}
         self._next_dir_fh = 1 << 40
 

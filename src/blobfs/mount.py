@@ -278,7 +278,8 @@ async def _serve(cfg: MountConfig, notifier: Notifier,
             await http_face.start(cfg, fs, nursery)  # the mount's own view, over HTTP
         if runtime_ok:
             _write_state(cfg, control is not None, spool)
-        nursery.start_soon(_watch_signals, fs, notifier, telemetry)
+        nursery.start_soon(_watch_signals, fs, ops, notifier, telemetry)
+        nursery.start_soon(ops.requests.run_reaper)
         nursery.start_soon(_announce_ready, cfg, notifier, telemetry, on_ready)
         if control is not None:
             nursery.start_soon(serve_control, control, telemetry)
@@ -360,7 +361,8 @@ async def _invalidate_entry(parent_ino: Ino, name: str) -> None:
         log.debug("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
 
 
-async def _watch_signals(fs: Filesystem, notifier: Notifier, telemetry: Telemetry) -> None:
+async def _watch_signals(fs: Filesystem, ops: FuseOps, notifier: Notifier,
+                         telemetry: Telemetry) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -370,6 +372,9 @@ async def _watch_signals(fs: Filesystem, notifier: Notifier, telemetry: Telemetr
             fs.begin_shutdown()
             notifier.stopping(telemetry.summary())
             pyfuse3.terminate()
+            # pyfuse3's loop returns once the requests running have ended: those that
+            # only ask (a lookup paging a huge listing) end now, not when done.
+            ops.requests.abandon_all()
             return
 
 
