@@ -140,3 +140,17 @@ def tune_malloc() -> bool:
             log.debug("mallopt(%s, %d) was refused", name, value)
             ok = False
     return ok
+
+
+def trim_malloc() -> None:
+    """Give the heap's free memory back to the kernel (glibc malloc_trim). Freeing a big
+    directory's listing and inodes leaves holes all through the heap, which the trim
+    threshold (only the top of the heap) never returns. Blocking: it walks the heap, so
+    run it in a thread. Does nothing on another libc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NewType
 
 Ino = NewType("Ino", int)
@@ -49,6 +50,9 @@ def identifier_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+NO_METADATA: Mapping[str, str] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     """What a store knows about one version of one key."""
@@ -57,7 +61,9 @@ class ObjectMeta:
     size: int
     etag: ETag
     mtime: float
-    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: One shared empty mapping when there is none: a listing holds an ObjectMeta per
+    #: entry, and an empty dict each cost 64 bytes of 100,000.
+    metadata: Mapping[str, str] = field(default_factory=lambda: NO_METADATA)
 
     @property
     def version(self) -> ObjectVersion:

@@ -13,9 +13,11 @@ import errno
 import logging
 import os
 import time
+import weakref
 
 import trio
 
+from blobfs.budget import trim_malloc
 from blobfs.errors import (
     FsError,
     NotFound,
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Longest key (bytes) every store takes: S3 and Azure both stop at 1024.
 MAX_KEY = 1024
+#: Entries freed (inodes, listed names) after which the heap is trimmed (`_freed`).
+TRIM_AFTER = 10_000
 
 
 class Namespace(CoreParts):
@@ -73,10 +77,10 @@ class Namespace(CoreParts):
         listing = await self._lookup_listing(parent)
         if listing is not None:
             listing.hits += 1
-            if name in listing.dirs:
+            if key in listing.dirs:
                 return self.inodes.ensure(key + "/", True)
-            if name in listing.metas:
-                return self.inodes.ensure(key, False, listing.metas[name])
+            if key in listing.metas:
+                return self.inodes.ensure(key, False, listing.metas[key])
             raise FsError(errno.ENOENT)
         file_meta: ObjectMeta | None = None
         dir_found = False
@@ -150,6 +154,17 @@ class Namespace(CoreParts):
             listing = self._listings.get(inode.parent_key)
             if listing is not None and not self._fresh(listing):
                 del self._listings[inode.parent_key]
+                self._freed(len(listing))
+            self._freed(1)
+
+    def _freed(self, entries: int) -> None:
+        """Count entries (inodes, listed names) freed; past TRIM_AFTER of them, give the
+        heap's free memory back to the kernel (`trim_malloc`): the holes a big directory
+        leaves are never returned by the trim threshold alone."""
+        self._freed_entries += entries
+        if self._freed_entries >= TRIM_AFTER:
+            self._freed_entries = 0
+            self._spawn(trio.to_thread.run_sync, trim_malloc)
 
     # --- directories ----------------------------------------------------------------------
     def _drop_listing(self, dir_key: str) -> None:
@@ -195,17 +210,36 @@ class Namespace(CoreParts):
         if self._dir_changes.get(inode.key, 0) == changes:
             self._listings[inode.key] = listing
             self._prune_listings()
+            self._spawn(self._expire_listing, inode.key, weakref.ref(listing),
+                        listing.at + 2 * self._ttl(listing))
         return listing
 
+    async def _expire_listing(self, dir_key: str, ref: weakref.ref[Listing],
+                              when: float) -> None:
+        """Forget the listing `ref` at `when` (once it has been stale for as long as it was
+        fresh) unless it was paged again meanwhile. A stale listing is kept that long only
+        to decide whether the next lookups page it again (`_lookup_listing`); past that it
+        would hold a big directory's names and versions with nothing using them. A weak
+        reference: one forgotten sooner (forget, a change) goes at once."""
+        await trio.sleep_until(when)
+        listing = ref()
+        if listing is not None and self._listings.get(dir_key) is listing:
+            del self._listings[dir_key]
+            self._freed(len(listing))
+
     def _fresh(self, listing: Listing) -> bool:
-        """Whether a listing may still answer: for list_ttl, or for 4 times as long as
-        paging it took when that is longer. A directory too big to page within list_ttl
-        would otherwise be paged without pause, and the lookups waiting on each paging
-        would crawl (`ls -l` of 100,000 entries on a loaded machine)."""
+        """Whether a listing may still answer (`_ttl`)."""
+        return trio.current_time() - listing.at < self._ttl(listing)
+
+    def _ttl(self, listing: Listing) -> float:
+        """How long a listing may answer: list_ttl, or 4 times as long as paging it took
+        when that is longer. A directory too big to page within list_ttl would otherwise
+        be paged without pause, and the lookups waiting on each paging would crawl (`ls -l`
+        of 100,000 entries on a loaded machine)."""
         ttl = self.cfg.list_ttl
         if ttl > 0:  # list_ttl=0 caches nothing, however long paging took
             ttl = max(ttl, 4 * listing.took)
-        return trio.current_time() - listing.at < ttl
+        return ttl
 
     def _prune_listings(self) -> None:
         """Forget expired listings of other directories: memory follows what is in use."""
@@ -214,6 +248,7 @@ class Namespace(CoreParts):
         for key, listing in list(self._listings.items()):
             if not self._fresh(listing):
                 del self._listings[key]
+                self._freed(len(listing))
 
     async def _page_listing(self, inode: Inode) -> Listing:
         prefix = inode.key
@@ -226,9 +261,8 @@ class Namespace(CoreParts):
             page = await self.store.list(prefix, token=token)
             pages += 1
             for p in page.prefixes:
-                name = p[len(prefix):-1]
-                if valid_name(name):
-                    dirs[name] = None
+                if valid_name(p[len(prefix):-1]):
+                    dirs[p[:-1]] = None
                 else:
                     self.inodes.warn_once(p, "not a valid path name")
             for meta in page.objects:
@@ -236,22 +270,27 @@ class Namespace(CoreParts):
                 if name == "":
                     continue  # this directory's own marker
                 if valid_name(name):
-                    files[name] = meta
+                    known = self.inodes.by_key(meta.key)
+                    if known is not None and known.meta == meta:
+                        # Paged again while the kernel holds its inodes (`ls` then
+                        # `ls -l`): keep the one object, not a second copy per entry.
+                        meta = known.meta
+                    files[meta.key] = meta
                 else:
                     self.inodes.warn_once(meta.key, "not a valid path name")
             token = page.token
             if token is None:
                 break
         metas: dict[str, ObjectMeta | None] = dict.fromkeys(dirs)
-        for name, meta in files.items():
-            if name in dirs:
-                self.inodes.warn_once(meta.key, "a file beside a directory of the same "
+        for key, meta in files.items():
+            if key in dirs:
+                self.inodes.warn_once(key, "a file beside a directory of the same "
                                       "name; the directory wins")
                 continue
-            metas[name] = meta
+            metas[key] = meta
         # Files created here and not committed yet are part of the directory too.
         for other in self._uncommitted_creates(prefix):
-            metas.setdefault(other.key[len(prefix):], None)
+            metas.setdefault(other.key, None)
         now = trio.current_time()
         return Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
 
@@ -298,14 +337,13 @@ class Namespace(CoreParts):
 
         Never blocks. Raises IndexError past the end of `stream.listing`."""
         listing = stream.listing
-        name = listing.names[index]
-        meta = listing.metas[name]
-        if meta is not None:
-            key = meta.key  # one string for the version and the inode
-        else:
-            key = stream.inode.key + name + ("/" if name in listing.dirs else "")
-        child = self.inodes.ensure(key, meta is None and name in listing.dirs, meta)
-        return DirEntry(name, self._attr(child))
+        key = listing.keys[index]
+        meta = listing.metas[key]
+        is_dir = meta is None and key in listing.dirs
+        # A file's key is its version's own string: one string for the listing, the
+        # version and the inode.
+        child = self.inodes.ensure(key + "/" if is_dir else key, is_dir, meta)
+        return DirEntry(key[len(stream.inode.key):], self._attr(child))
 
     def dir_entry_unused(self, ino: int) -> None:
         """The adapter made an entry's inode but the kernel did not take it."""

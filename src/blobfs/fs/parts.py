@@ -44,6 +44,7 @@ class CoreParts(Protocol):
     _invalidate: Callable[[Ino], None]
     _handles: dict[Fh, Handle]
     _listings: dict[str, Listing]
+    _freed_entries: int
     _listing_busy: dict[str, trio.Event]
     _creates: dict[str, dict[Ino, Inode]]
     _dir_changes: dict[str, int]

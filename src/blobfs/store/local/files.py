@@ -13,13 +13,13 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 
 from blobfs.errors import AccessDenied, BadRequest, NotFound, PreconditionFailed, StoreError
 from blobfs.store.base import FilePendingSource, Range
 from blobfs.store.beneath import Tree, is_link_error
-from blobfs.types import ETag, ObjectMeta, metadata_from_store
+from blobfs.types import NO_METADATA, ETag, ObjectMeta, metadata_from_store
 
 INTERNAL = ".blobfs"
 XATTR_TOKEN = "user.blobfs.token"
@@ -64,10 +64,11 @@ def is_appending(fd: int) -> bool:
 
 def meta_of(key: str, fd: int, st: os.stat_result | None = None) -> ObjectMeta:
     st = st or os.fstat(fd)
+    metadata: Mapping[str, str]
     try:
         metadata = metadata_from_store(json.loads(os.getxattr(fd, XATTR_META)))
     except (OSError, ValueError):
-        metadata = {}
+        metadata = NO_METADATA
     return ObjectMeta(key, st.st_size, etag_of(fd, st), st.st_mtime, metadata)
 
 

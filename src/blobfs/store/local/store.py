@@ -41,6 +41,9 @@ from blobfs.types import ETag, ListPage, ObjectMeta
 
 log = logging.getLogger(__name__)
 
+#: Pages of this many names or more start a paging whose rest is kept (`_list_page`).
+_PAGE_KEPT_FROM = 100
+
 
 class LocalStore(Publishing, DropsOrphans):
     """The `ObjectStore` of a `file:///DIR` source (see the package docstring)."""
@@ -149,9 +152,13 @@ class LocalStore(Publishing, DropsOrphans):
     def _list_page(self, prefix: str, delimiter: str, names: list[tuple[str, bool]],
                    start: int, limit: int) -> ListPage:
         """The page of `names` from `start`. The rest is kept for the next page's token: a
-        paged listing then reads the directory once, not once per page (O(n), not n²)."""
+        paged listing then reads the directory once, not once per page (O(n), not n²).
+        Not after a probe (a page of a few names: a lookup asking whether a directory
+        exists, rmdir asking whether it is empty), which no next page follows: its rest
+        would hold the whole directory's names for nothing (64 of them, each of 100,000
+        entries, were a leak of hundreds of MiB)."""
         page, more = names[start : start + limit], len(names) > start + limit
-        if more:
+        if more and limit >= _PAGE_KEPT_FROM:
             with self._rest_lock:  # worker threads page listings concurrently
                 if len(self._rest_of_listing) >= 64:
                     self._rest_of_listing.pop(next(iter(self._rest_of_listing)), None)
