@@ -294,6 +294,13 @@ class FuseOps(pyfuse3.Operations):
                 self.fs.dir_entry_unused(entry.attr.ino)
                 break
             self.fs.remember(entry.attr.ino)
+
+    @_translate("releasedir")
+    async def releasedir(self, fh: int) -> None:
+        # A stream holds the listing it reads (a big directory's names and versions): it
+        # goes with its handle. Without this every opendir kept its listing for good.
+        self._dirs.pop(fh, None)
+
     @_translate("mkdir")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -210,15 +210,17 @@ class Namespace(CoreParts):
         if self._dir_changes.get(inode.key, 0) == changes:
             self._listings[inode.key] = listing
             self._prune_listings()
+            stale_for = max(self.cfg.list_ttl, listing.took)
             self._spawn(self._expire_listing, inode.key, weakref.ref(listing),
-                        listing.at + 2 * self._ttl(listing))
+                        listing.at + self._ttl(listing) + stale_for)
         return listing
 
     async def _expire_listing(self, dir_key: str, ref: weakref.ref[Listing],
                               when: float) -> None:
-        """Forget the listing `ref` at `when` (once it has been stale for as long as it was
-        fresh) unless it was paged again meanwhile. A stale listing is kept that long only
-        to decide whether the next lookups page it again (`_lookup_listing`); past that it
+        """Forget the listing `ref` at `when` (once it has been stale for a list_ttl, or
+        for as long as paging it took) unless it was paged again meanwhile. A stale listing
+        is kept that long only for the lookups that come on after it went stale (`ls -l`
+        of a big directory) to page it again at once (`_lookup_listing`); past that it
         would hold a big directory's names and versions with nothing using them. A weak
         reference: one forgotten sooner (forget, a change) goes at once."""
         await trio.sleep_until(when)
