@@ -86,7 +86,7 @@ class Filesystem(Namespace, Renames, Commits, Reads):
         self._next_fh = 1
         self._listings: dict[str, Listing] = {}
         #: Entries freed since the heap was last trimmed (`Namespace._freed`).
-        self._freed_entries = 0
+        self._freed_entries: int = 0
         #: Directories being paged now: lookups and readdirs of them wait for that paging.
         self._listing_busy: dict[str, trio.Event] = {}
         #: Files created here, by parent key, until committed (`_uncommitted_creates`).

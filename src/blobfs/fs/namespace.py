@@ -43,6 +43,9 @@ TRIM_AFTER = 10_000
 class Namespace(CoreParts):
     """Lookups, listings and namespace changes of one mount (a part of `Filesystem`)."""
 
+    #: Entries freed since the heap was last trimmed (`_freed`); set by Filesystem.
+    _freed_entries: int
+
     # --- names ----------------------------------------------------------------------------
     def _child_key(self, parent: Inode, name: str) -> str:
         """The key of `name` in `parent`, checked against every store's rules before any
