@@ -132,10 +132,13 @@ class Requests:
 
     def __init__(self) -> None:
         self._running: dict[trio.CancelScope, tuple[int, float]] = {}
+        #: Set when a request starts: the reaper sleeps on it while none runs.
+        self._started = trio.Event()
 
     async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         with trio.CancelScope() as scope:
             self._running[scope] = (tid, trio.current_time())
+            self._started.set()
             try:
                 return await fn(*args)
             finally:
@@ -158,8 +161,12 @@ class Requests:
         return dropped
 
     async def run_reaper(self, period: float = 0.5) -> None:
-        """Check the running requests every `period` seconds, forever."""
+        """Check the running requests every `period` seconds while any runs, forever (an
+        idle mount does not wake for it)."""
         while True:
+            if not self._running:
+                self._started = trio.Event()
+                await self._started.wait()
             await trio.sleep(period)
             n = self.reap()
             if n:

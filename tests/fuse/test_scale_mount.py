@@ -97,7 +97,7 @@ def test_a_thousand_files_open_at_once(file_env: StoreEnv, tmp_path: Path) -> No
 
 
 def test_unmount_while_a_listing_pages_ends_promptly(
-    s3env: StoreEnv, proxy: Proxy, moto: MotoServer, tmp_path: Path,
+    s3env: StoreEnv, moto_proxy: Proxy, moto: MotoServer, tmp_path: Path,
 ) -> None:
     """`ls -l` of a directory whose listing takes SLOW_LIST to page is killed, then the
     mount is unmounted: the killed `ls` is let go, so `fusermount3 -u` succeeds and the
@@ -107,16 +107,16 @@ def test_unmount_while_a_listing_pages_ends_promptly(
     client = moto.client()
     for i in range(3):
         client.put_object(Bucket=bucket, Key=f"pfx/big/{i}.log", Body=b"x")
-    env = s3_env.env_for(proxy.url, bucket, proxy.url)
+    env = s3_env.env_for(moto_proxy.url, bucket, moto_proxy.url)
     with mounted(env, tmp_path) as m:
         assert (m.path / "big").is_dir()
-        proxy.faults = FaultPlan(
+        moto_proxy.faults = FaultPlan(
             rate=1.0, kinds=("delay",), delay=SLOW_LIST,
             match=lambda r: r.method == "GET" and "big/" in r.query.get("prefix", [""])[0])
         ls = subprocess.Popen(["ls", "-l", str(m.path / "big")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not any(r.fault == "delay" for r in proxy.records):
+        while not any(r.fault == "delay" for r in moto_proxy.records):
             assert time.monotonic() < deadline, "the listing never reached the store"
             time.sleep(0.05)
         ls.kill()
