@@ -31,6 +31,7 @@ from blobfs.errors import PreconditionFailed
 from blobfs.fs.records import Stats
 from blobfs.log import redact
 from blobfs.store.base import (
+    AppendsInPlace,
     BlockUpload,
     ChecksNames,
     CountsRetries,
@@ -61,6 +62,9 @@ class Meter:
 
     committed_bytes: int = 0
     staged_bytes: int = 0
+    #: Ranged reads (GETs) sent to the store, and their bytes: what reading costs.
+    store_reads: int = 0
+    store_read_bytes: int = 0
     conflicts: int = 0
     last_commit_at: float | None = None
     #: (monotonic time, bytes) of recent commits, for the upload rate.
@@ -158,6 +162,7 @@ class MeteredStore:
         self._inner = inner
         self.meter = meter
         self.display = inner.display
+        self.appends_in_place = isinstance(inner, AppendsInPlace) and inner.appends_in_place
 
     @property
     def inner(self) -> ObjectStore:
@@ -170,7 +175,10 @@ class MeteredStore:
         return await self._inner.head(key)
 
     async def read(self, key: str, etag: ETag, off: int, size: int) -> bytes:
-        return await self._inner.read(key, etag, off, size)
+        data = await self._inner.read(key, etag, off, size)
+        self.meter.store_reads += 1
+        self.meter.store_read_bytes += len(data)
+        return data
 
     async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
                    limit: int = 1000) -> ListPage:
@@ -300,6 +308,8 @@ class Telemetry:
             "retries": store_retries(self.store),
             "committed_bytes": self.meter.committed_bytes,
             "staged_bytes": self.meter.staged_bytes,
+            "store_reads": self.meter.store_reads,
+            "store_read_bytes": self.meter.store_read_bytes,
             "upload_rate_bytes_per_second": round(self.meter.rate(), 1),
             "damaged_journals": list(self.damaged),
             "remote_changes": {

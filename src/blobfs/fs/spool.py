@@ -69,6 +69,7 @@ INLINE_MAX = 32 << 10
 #: Writes at least this large that extend the data file allocate their blocks first.
 PREALLOC_MIN = 64 << 10
 _FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
 
 
 def ensure_private_dir(path: Path, what: str, *, follow: bool = False,
@@ -253,6 +254,14 @@ class SpoolEntry:
             return
         self._alloc_end = off + size
 
+    def _punch_sync(self, ranges: list[tuple[int, int]]) -> None:
+        for off, size in ranges:
+            try:
+                _fallocate(self.data_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off,
+                           size)
+            except OSError:
+                return  # best effort: the bytes stay until the entry is compacted or goes
+
     def _truncate_sync(self, size: int) -> None:
         os.ftruncate(self.data_fd, size)
         self._alloc_end = min(self._alloc_end, size)
@@ -301,6 +310,11 @@ class SpoolEntry:
             self._write_sync(off, data)
             return
         await trio.to_thread.run_sync(self._write_sync, off, data, limiter=_limiter)
+
+    async def punch(self, ranges: list[tuple[int, int]]) -> None:
+        """Drop the bytes of `ranges` (committed, and nothing pending there since): their
+        pages leave the page cache unwritten and their blocks are freed. Best effort."""
+        await trio.to_thread.run_sync(self._punch_sync, ranges, limiter=_limiter)
 
     async def truncate(self, size: int) -> None:
         await trio.to_thread.run_sync(self._truncate_sync, size, limiter=_limiter)
@@ -391,7 +405,11 @@ _libc_fallocate: Any = None
 
 
 def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
-    """fallocate(2) with FALLOC_FL_KEEP_SIZE, which `os.posix_fallocate` cannot pass.
+    _fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, size)
+
+
+def _fallocate(fd: int, mode: int, off: int, size: int) -> None:
+    """fallocate(2) with `mode` flags, which `os.posix_fallocate` cannot pass.
 
     Raises:
         OSError: from the call; EOPNOTSUPP where there is no fallocate(2).
@@ -408,6 +426,6 @@ def _fallocate_keep_size(fd: int, off: int, size: int) -> None:
             _libc_fallocate = fn
     if not _libc_fallocate:
         raise OSError(errno.EOPNOTSUPP, "no fallocate(2)")
-    if _libc_fallocate(fd, _FALLOC_FL_KEEP_SIZE, off, size) != 0:
+    if _libc_fallocate(fd, mode, off, size) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -35,6 +35,7 @@ from blobfs.fs.journal import (
 )
 from blobfs.fs.spool import COMPACT_AT, SpoolEntry
 from blobfs.store.base import (
+    AppendsInPlace,
     BlockUpload,
     FilePendingSource,
     ObjectStore,
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 #: and the jittered pauses below let this writer fit between its commits eventually.
 REBASE_WINDOW = 60.0
 REBASE_PAUSE_MAX = 0.5
+#: Committed spool ranges at least this long are punched out of the spool file.
+PUNCH_MIN = 1 << 20
 
 
 def new_stream() -> str:
@@ -108,6 +111,9 @@ class FileWriter:
         self._block_size = block_size
         self._spawn = spawn
         self._stage_limiter = stage_limiter
+        #: The store appends a pure append commit from the spool itself (file://):
+        #: blocks of such an epoch are not staged ahead.
+        self._appends_in_place = isinstance(store, AppendsInPlace) and store.appends_in_place
         #: Shared by the files of a mount: a commit holds pending bytes in memory while it
         #: sends them, so commits of many files at once must not run all at once.
         self._commit_limiter = commit_limiter
@@ -238,6 +244,9 @@ class FileWriter:
     def _stage_full_chunks(self, ep: Epoch, run: Range) -> None:
         if self.detached:
             return  # never committed
+        if self._appends_in_place and self.base is not None and self.base.size \
+                and ep.append_only:
+            return  # the commit copies these bytes into the live file itself
         bs = self._block_size
         start = run.off
         while start + bs <= run.end:
@@ -343,20 +352,43 @@ class FileWriter:
         self.last_commit = time.time()
         self.commits += 1
         try:
-            await self._record_quietly(Committed(Base.of(meta)))
+            journalled = await self._record_quietly(Committed(Base.of(meta)))
         finally:
             # Only now: recovery takes the uploads journalled before a C or F record as
             # finished, so the next epoch's first upload must be journalled after it.
             self._settled.set()
+        if journalled:
+            await self._drop_committed(ep)
         if self.spool.journal_size > COMPACT_AT:
             await self._compact()
 
-    async def _record_quietly(self, record: Record) -> None:
-        """Journal a commit outcome. Losing one only costs a redundant commit at recovery."""
+    async def _drop_committed(self, ep: Epoch) -> None:
+        """Free the spool's copy of what `ep` committed, where nothing was written since.
+
+        Reads of those ranges go to the committed version now, and recovery replays only
+        what follows the C record, so the bytes are dead: punching them keeps a long
+        stream from being written back to the spool disk as well as to the store (and the
+        spool from holding all of it until the file closes). Small commits are left to
+        `_compact`: a syscall per logged line costs more than the bytes.
+        """
+        if ep.dirty.total < PUNCH_MIN:
+            return
+        async with self._change_lock:
+            holes = [(piece.off, piece.size) for r in ep.dirty
+                     for inside, piece in self.epoch.dirty.split(r.off, r.size)
+                     if not inside and piece.size >= PUNCH_MIN]
+            if holes and not self.detached:
+                await self.spool.punch(holes)
+
+    async def _record_quietly(self, record: Record) -> bool:
+        """Journal a commit outcome. Losing one only costs a redundant commit at recovery
+        (which needs the spool's bytes then: False says they must stay)."""
         try:
             await self.spool.record(record)
         except OSError as exc:
             log.warning("cannot journal a commit of %s: %s", self.key, exc)
+            return False
+        return True
 
     async def _compact(self) -> None:
         """Rewrite the journal as: the committed base plus the current epoch's changes."""

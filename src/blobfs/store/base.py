@@ -197,6 +197,17 @@ class StagesPending(Protocol):
 
 
 @runtime_checkable
+class AppendsInPlace(Protocol):
+    """Optional on an `ObjectStore`: its commit of an epoch that only appends to a
+    non-empty version copies the new bytes from the `FilePendingSource` itself, straight
+    into the live blob (the local store). The core then stages no block of such an epoch
+    ahead, which would copy it twice. A wrapper answers for the store it wraps."""
+
+    #: Whether the store appends in place (False on a wrapper of one that does not).
+    appends_in_place: bool
+
+
+@runtime_checkable
 class ChecksNames(Protocol):
     """Optional on an `ObjectStore`: names it would not keep as written.
 

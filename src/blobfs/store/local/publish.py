@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blobfs.errors import BadRequest, PreconditionFailed
-from blobfs.store.base import Range
+from blobfs.store.base import FilePendingSource, Range
 from blobfs.store.beneath import Tree, is_link_error
 from blobfs.store.local.files import (
     INTERNAL,
@@ -145,11 +145,26 @@ class Publishing:
         assert draft.base is not None
         path = self._path(draft.key)
         try:
-            return self._append_locked(draft, path, draft.base)
+            tmp_fd = open_tmp(self.tree, draft.tmp)
+            try:
+                return self._append_locked(draft, path, draft.base, tmp_fd)
+            finally:
+                os.close(tmp_fd)
         finally:
             unlink_quiet(self.tree, draft.tmp)
 
-    def _append_locked(self, draft: Draft, path: str, base: ObjectMeta) -> ObjectMeta:
+    def append_pending_sync(self, draft: Draft, source: FilePendingSource) -> ObjectMeta:
+        """`append_sync` copying the new bytes straight from `source` (the spool, at their
+        offsets): no temp file, one copy of each byte (`draft.tmp` is not used)."""
+        assert draft.base is not None
+        src_fd = source.open_pending_sync()
+        try:
+            return self._append_locked(draft, self._path(draft.key), draft.base, src_fd)
+        finally:
+            os.close(src_fd)
+
+    def _append_locked(self, draft: Draft, path: str, base: ObjectMeta,
+                       src_fd: int) -> ObjectMeta:
         with self._locked():
             self._undo_append(path)
             fd = self.tree.open(path, os.O_RDWR)
@@ -157,13 +172,9 @@ class Publishing:
                 if etag_of(fd) != base.etag:
                     raise PreconditionFailed(f"{draft.key} moved on from {base.etag}")
                 os.setxattr(fd, XATTR_APPENDING, str(base.size).encode())
-                tmp_fd = open_tmp(self.tree, draft.tmp)
-                try:
-                    for kind, r in draft.plan:
-                        if kind == "dirty":
-                            copy_same_offsets(tmp_fd, fd, r)
-                finally:
-                    os.close(tmp_fd)
+                for kind, r in draft.plan:
+                    if kind == "dirty":
+                        copy_same_offsets(src_fd, fd, r)
                 os.ftruncate(fd, draft.plan[-1][1].end)  # "zero" holes at the end
                 os.fsync(fd)
                 stamp(fd, draft.metadata)

@@ -19,7 +19,13 @@ from pathlib import Path
 from blobfs.config import StoreConfig
 from blobfs.errors import AccessDenied, BadRequest, NotFound, PreconditionFailed
 from blobfs.store._blocking import Blocking
-from blobfs.store.base import DropsOrphans, PendingSource, Range, lineage_proves_append
+from blobfs.store.base import (
+    AppendsInPlace,
+    DropsOrphans,
+    PendingSource,
+    Range,
+    lineage_proves_append,
+)
 from blobfs.store.beneath import Tree, is_link_error
 from blobfs.store.local.files import (
     INTERNAL,
@@ -45,8 +51,14 @@ log = logging.getLogger(__name__)
 _PAGE_KEPT_FROM = 100
 
 
-class LocalStore(Publishing, DropsOrphans):
+class LocalStore(Publishing, DropsOrphans, AppendsInPlace):
     """The `ObjectStore` of a `file:///DIR` source (see the package docstring)."""
+
+    #: A commit that only appends to a non-empty version copies its bytes from the spool
+    #: into the live file itself: the core stages no block of such an epoch ahead, which
+    #: would copy it twice (`FileWriter`, issue 15 goal 6). Other epochs still stage into
+    #: the temp version, which a new file's first commit renames into place.
+    appends_in_place = True
 
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root

@@ -81,9 +81,17 @@ class LocalUpload(StagesPending):
 
     async def commit(self, size: int, dirty: Sequence[Range],
                      metadata: Mapping[str, str]) -> ObjectMeta:
-        path = await self._tmp_path()
         base_size = self.base.size if self.base else 0
         plan = base_segments(size, dirty, base_size)
+        source = self._source
+        if (_only_appends(self.base, plan) and not self._staged and self._tmp is None
+                and isinstance(source, FilePendingSource)):
+            # An append with nothing staged aside goes straight from the spool to the live
+            # file: one copy of each new byte, not two (issue 15 goal 6).
+            draft = Draft(self.key, self.base, "", plan, [], dict(metadata))
+            return await self._store.io.call("write", self._store.append_pending_sync, draft,
+                                             source)
+        path = await self._tmp_path()
         staged = sorted(self._staged)
         # Bytes already staged in place need not be written again.
         gaps = [gap for kind, r in plan if kind == "dirty" for gap in _uncovered(r, staged)]
