@@ -31,7 +31,8 @@ from benchlib.targets import Rclone, Target, by_name, strip_version_null
 
 DEFAULT_WORKLOADS = ("write", "read", "append", "tail", "ready", "rss", "nginx", "pylog",
                      "http")
-#: The scale rows (issue 15) run only when asked for: --only list,idle,commits,fuse-ceiling.
+#: The scale rows (issue 15) run only when asked for:
+#: --only list,idle,commits,fuse-ceiling,bigfile,stream.
 WORKLOADS = (*DEFAULT_WORKLOADS, *scale.SCALE_WORKLOADS)
 PEERS = ("s3fs", "rclone", "rclone-writes")
 
@@ -242,6 +243,8 @@ def scale_runners(quick: bool) -> None:
         "idle": functools.partial(scale.idle, ss),
         "commits": functools.partial(scale.commits, ss),
         "fuse-ceiling": functools.partial(scale.fuse_ceiling, ss),
+        "bigfile": functools.partial(scale.big_file, ss),
+        "stream": functools.partial(scale.stream, ss),
     })
 
 
