@@ -82,8 +82,9 @@ class Namespace(CoreParts):
             listing.hits += 1
             if key in listing.dirs:
                 return self.inodes.ensure(key + "/", True)
-            if key in listing.metas:
-                return self.inodes.ensure(key, False, listing.metas[key])
+            at = listing.index(key)
+            if at is not None:
+                return self.inodes.ensure(key, False, listing.metas[at])
             raise FsError(errno.ENOENT)
         file_meta: ObjectMeta | None = None
         dir_found = False
@@ -259,7 +260,8 @@ class Namespace(CoreParts):
         prefix = inode.key
         started = trio.current_time()
         dirs: dict[str, None] = {}
-        files: dict[str, ObjectMeta] = {}
+        # Every entry (directories join once paging is done); the listing keeps them sorted.
+        entries: dict[str, ObjectMeta | None] = {}
         token = None
         pages = 0
         while True:
@@ -280,24 +282,24 @@ class Namespace(CoreParts):
                         # Paged again while the kernel holds its inodes (`ls` then
                         # `ls -l`): keep the one object, not a second copy per entry.
                         meta = known.meta
-                    files[meta.key] = meta
+                    entries[meta.key] = meta
                 else:
                     self.inodes.warn_once(meta.key, "not a valid path name")
             token = page.token
             if token is None:
                 break
-        metas: dict[str, ObjectMeta | None] = dict.fromkeys(dirs)
-        for key, meta in files.items():
-            if key in dirs:
+        for key in dirs:
+            if key in entries:
                 self.inodes.warn_once(key, "a file beside a directory of the same "
                                       "name; the directory wins")
-                continue
-            metas[key] = meta
+            entries[key] = None
         # Files created here and not committed yet are part of the directory too.
         for other in self._uncommitted_creates(prefix):
-            metas.setdefault(other.key, None)
+            entries.setdefault(other.key, None)
+        keys = sorted(entries)
+        metas = [entries[key] for key in keys]
         now = trio.current_time()
-        return Listing(now, sorted(metas), metas, frozenset(dirs), pages, now - started)
+        return Listing(now, keys, metas, frozenset(dirs), pages, now - started)
 
     def _note_create(self, inode: Inode) -> None:
         """Index a file this mount created, by directory, until its first commit."""
@@ -343,7 +345,7 @@ class Namespace(CoreParts):
         Never blocks. Raises IndexError past the end of `stream.listing`."""
         listing = stream.listing
         key = listing.keys[index]
-        meta = listing.metas[key]
+        meta = listing.metas[index]
         is_dir = meta is None and key in listing.dirs
         # A file's key is its version's own string: one string for the listing, the
         # version and the inode.

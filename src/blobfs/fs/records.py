@@ -6,6 +6,7 @@ No behaviour lives here beyond small derived properties; `Filesystem` builds and
 
 from __future__ import annotations
 
+import bisect
 import stat
 from dataclasses import dataclass, field
 
@@ -65,18 +66,21 @@ class Version:
 class Listing:
     """One directory as the store paged it, plus this mount's uncommitted creates.
 
-    Indexed by name, so a lookup costs the same in a directory of any size; never mutated
-    once built (a refresh makes a new one), so an open directory stream can keep reading
-    the one it started with.
+    Two parallel lists sorted by key: a lookup is a bisection (17 probes in 100,000
+    entries), so it costs about the same in a directory of any size, and an entry costs two
+    list slots, not a dict slot (a dict of 100,000 entries holds room for 174,762: 52 bytes
+    each). Never mutated once built (a refresh makes a new one), so an open directory
+    stream can keep reading the one it started with.
     """
 
     at: float
-    #: Entry keys (a directory's without its trailing '/') in readdir order: a readdir
-    #: offset is an index into it. Keys, not names: a file's is its ObjectMeta's own
-    #: string, so an entry costs no string of its own (60 bytes of 100,000).
+    #: Entry keys (a directory's without its trailing '/'), sorted: readdir order, and a
+    #: readdir offset is an index into it. Keys, not names: a file's is its ObjectMeta's
+    #: own string, so an entry costs no string of its own (60 bytes of 100,000).
     keys: list[str]
-    #: key -> the version the listing showed; None for directories and uncommitted files.
-    metas: dict[str, ObjectMeta | None]
+    #: The version the listing showed for `keys[i]`; None for directories and uncommitted
+    #: files.
+    metas: list[ObjectMeta | None]
     dirs: frozenset[str]
     #: Store requests the paging took, and lookups it answered: once a stale listing has
     #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
@@ -88,6 +92,11 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def index(self, key: str) -> int | None:
+        """Where `key` is in `keys`, or None if the directory has no such entry."""
+        i = bisect.bisect_left(self.keys, key)
+        return i if i < len(self.keys) and self.keys[i] == key else None
 
 
 @dataclass(frozen=True)
