@@ -15,7 +15,8 @@ from blobfs.fs.reader import Window
 from blobfs.types import Fh, Ino, ObjectMeta
 
 
-@dataclass(frozen=True)
+#: Slots: `ls -l` of a big directory makes an Attr and a DirEntry per entry.
+@dataclass(frozen=True, slots=True)
 class Attr:
     ino: Ino
     mode: int
@@ -32,7 +33,7 @@ class Attr:
         return stat.S_ISDIR(self.mode)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     name: str
     attr: Attr
