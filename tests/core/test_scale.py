@@ -115,8 +115,11 @@ async def test_memory_per_entry_bounded_and_returned_after_forget(
             del stream, entry
             gc.collect()
             held = tracemalloc.get_traced_memory()[0] - before
-            # 60 MiB for 100,000 entries (issue 15) is 629 bytes each.
-            assert held / ENTRIES <= 600, f"{held / ENTRIES:.0f} bytes per entry"
+            # 60 MiB for 100,000 entries (issue 15) is 629 bytes each, and the allocator's
+            # overhead and holes come on top in RSS: 437 here (this store's versions, about
+            # 260 of it, included); 521 when every inode carried all its fields (152 bytes,
+            # not 80) and a listing indexed its entries by a dict.
+            assert held / ENTRIES <= 475, f"{held / ENTRIES:.0f} bytes per entry"
             # The kernel forgets them once the listing has expired: it all goes.
             mock_clock.jump(1.5)
             for ino in inos:
