@@ -116,8 +116,8 @@ async def test_memory_per_entry_bounded_and_returned_after_forget(
             gc.collect()
             held = tracemalloc.get_traced_memory()[0] - before
             # 60 MiB for 100,000 entries (issue 15) is 629 bytes each, and the allocator's
-            # overhead and holes come on top in RSS: 437 here (this store's versions, about
-            # 260 of it, included); 521 when every inode carried all its fields (152 bytes,
+            # overhead and holes come on top in RSS: 446 here (this store's versions, about
+            # 260 of it, included); 530 when every inode carried all its fields (152 bytes,
             # not 80) and a listing indexed its entries by a dict.
             assert held / ENTRIES <= 475, f"{held / ENTRIES:.0f} bytes per entry"
             # The kernel forgets them once the listing has expired: it all goes.
