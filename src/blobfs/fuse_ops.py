@@ -399,8 +399,11 @@ class FuseOps(pyfuse3.Operations):
         if name not in _XATTR_NAMES:
             # The kernel asks for security.capability before every write() (to drop
             # set-uid bits): a 1 MiB write costs one more round trip, so it is answered
-            # here, without the core or the error path (issue 15 goal 6).
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            # here, without the core or the error path (issue 15 goal 6). Outside the
+            # user. namespace ENOTSUP, as the core answers (`Filesystem.getxattr`): with
+            # ENOATTR `ls -l` asks for a security label and an ACL on every entry.
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.")
+                                    else errno.ENOTSUP)
         return await self._getxattr(inode, name, ctx)
 
     @_translate("getxattr")
