@@ -27,9 +27,10 @@ SLOW_LIST = 30.0
 #: A big directory, scaled down from issue 15's 100,000 entries.
 BIG_DIR = 20_000
 #: Daemon RSS per listed entry while the kernel holds them all (issue 15: 60 MiB for
-#: 100,000 is 629 bytes; measured ~600 here, 1,100 before), and what may stay once the
-#: kernel has forgotten them (measured ~300: the allocator keeps some; 1,100 before).
-HELD_PER_ENTRY = 800
+#: 100,000 is 629 bytes; measured 430-560 here, ~710 with every inode field on every
+#: inode, a dict per listing and ENOATTR for ls's label probes), and what may stay once
+#: the kernel has forgotten them (measured ~360: the allocator keeps some; ~440 before).
+HELD_PER_ENTRY = 650
 LEFT_PER_ENTRY = 500
 READERS = 195
 WRITERS = 5
