@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
 from blobfs.errors import FsError
 from blobfs.fs.writer import FileWriter
@@ -27,18 +28,41 @@ class _Rare:
     inode costs 80 bytes, not 152."""
 
     open_count: int = 0
+    #: Bumped when the blob is replaced or deleted remotely; old handles then fail.
     gen: int = 0
     gen_end: dict[int, FsError] | None = None
     gen_size: dict[int, int] | None = None
+    #: Replaced or deleted remotely: no longer named by its key, frozen at `meta`.
     retired: bool = False
     writer: FileWriter | None = None
+    #: The ETag whose pages the kernel may still cache for this inode.
     kernel_etag: ETag | None = None
+    #: Set when this mount changed the file or directory; 0.0 (the version's) until then.
     mtime: float = 0.0
+    #: The blob is gone remotely; `meta` still describes what open handles had.
     deleted: bool = False
 
 
 #: The defaults every inode without its own `_Rare` reads.
 _DEFAULTS = _Rare()
+
+T = TypeVar("T")
+
+
+class _InRare(Generic[T]):
+    """An `Inode` attribute kept in its `_Rare` part: read from the shared defaults while
+    the inode has none, and set to its default it makes none."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.default = getattr(_DEFAULTS, name)
+
+    def __get__(self, inode: Inode, owner: type | None = None) -> T:
+        return cast(T, getattr(inode._get(), self.name))
+
+    def __set__(self, inode: Inode, value: T) -> None:
+        if inode._more is not None or value != self.default:
+            setattr(inode._rare(), self.name, value)
 
 
 @dataclass(slots=True)
@@ -66,73 +90,14 @@ class Inode:
     def _get(self) -> _Rare:
         return self._more if self._more is not None else _DEFAULTS
 
-    @property
-    def open_count(self) -> int:
-        return self._get().open_count
-
-    @open_count.setter
-    def open_count(self, value: int) -> None:
-        if value or self._more is not None:
-            self._rare().open_count = value
-
-    @property
-    def gen(self) -> int:
-        """Bumped when the blob is replaced or deleted remotely; old handles then fail."""
-        return self._get().gen
-
-    @gen.setter
-    def gen(self, value: int) -> None:
-        if value or self._more is not None:
-            self._rare().gen = value
-
-    @property
-    def retired(self) -> bool:
-        """Replaced or deleted remotely: no longer named by its key, frozen at `meta`."""
-        return self._get().retired
-
-    @retired.setter
-    def retired(self, value: bool) -> None:
-        if value or self._more is not None:
-            self._rare().retired = value
-
-    @property
-    def writer(self) -> FileWriter | None:
-        return self._get().writer
-
-    @writer.setter
-    def writer(self, value: FileWriter | None) -> None:
-        if value is not None or self._more is not None:
-            self._rare().writer = value
-
-    @property
-    def kernel_etag(self) -> ETag | None:
-        """The ETag whose pages the kernel may still cache for this inode."""
-        return self._get().kernel_etag
-
-    @kernel_etag.setter
-    def kernel_etag(self, value: ETag | None) -> None:
-        if value is not None or self._more is not None:
-            self._rare().kernel_etag = value
-
-    @property
-    def mtime(self) -> float:
-        """Set when this mount changed the file or directory; 0.0 (the version's) until."""
-        return self._get().mtime
-
-    @mtime.setter
-    def mtime(self, value: float) -> None:
-        if value or self._more is not None:
-            self._rare().mtime = value
-
-    @property
-    def deleted(self) -> bool:
-        """The blob is gone remotely; `meta` still describes what open handles had."""
-        return self._get().deleted
-
-    @deleted.setter
-    def deleted(self, value: bool) -> None:
-        if value or self._more is not None:
-            self._rare().deleted = value
+    # Kept in `_Rare` (documented there); no field of `Inode`, so not dataclass fields.
+    open_count = _InRare[int]()
+    gen = _InRare[int]()
+    retired = _InRare[bool]()
+    writer = _InRare["FileWriter | None"]()
+    kernel_etag = _InRare["ETag | None"]()
+    mtime = _InRare[float]()
+    deleted = _InRare[bool]()
 
     @property
     def gen_end(self) -> dict[int, FsError]:
