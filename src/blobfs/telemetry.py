@@ -38,6 +38,7 @@ from blobfs.store.base import (
     DropsOrphans,
     ObjectStore,
     PendingSource,
+    ReadsLocally,
     StagesPending,
 )
 from blobfs.types import ETag, ListPage, ObjectMeta, Range, normalize_ranges
@@ -163,6 +164,7 @@ class MeteredStore:
         self.meter = meter
         self.display = inner.display
         self.appends_in_place = isinstance(inner, AppendsInPlace) and inner.appends_in_place
+        self.reads_locally = isinstance(inner, ReadsLocally) and inner.reads_locally
 
     @property
     def inner(self) -> ObjectStore:

@@ -20,6 +20,7 @@ from blobfs.store.base import (
     CountsRetries,
     DropsOrphans,
     ObjectStore,
+    ReadsLocally,
     RemembersUploads,
     StagesPending,
     put_bytes,
@@ -32,6 +33,7 @@ from tests.support.azure_env import connection_string
 
 CAPABILITIES = (DropsOrphans, ChecksNames, CountsRetries)
 #: What each store offers; anything else it must not claim.
+#: (The flag capabilities, AppendsInPlace and ReadsLocally, are checked by value below.)
 OFFERS = {
     "memory": set(),
     "file": {DropsOrphans},
@@ -69,6 +71,11 @@ def test_the_metered_wrapper_claims_exactly_what_it_wraps(
         # CountsRetries is read through `store_retries`, which unwraps.
         assert claims(wrapped) - {CountsRetries} == OFFERS[scheme] - {CountsRetries}, scheme
         assert store_retries(wrapped) == 0
+    for scheme, store in stores.items():
+        local = scheme == "file"
+        assert (isinstance(store, ReadsLocally) and store.reads_locally) == local, scheme
+        wrapped = metered(store, Meter())
+        assert isinstance(wrapped, ReadsLocally) and wrapped.reads_locally == local, scheme
     az = metered(stores["az"], Meter())
     assert isinstance(az, ChecksNames) and az.name_problem("a\\b")
     assert az.name_problem("ab") is None

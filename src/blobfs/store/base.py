@@ -208,6 +208,19 @@ class AppendsInPlace(Protocol):
 
 
 @runtime_checkable
+class ReadsLocally(Protocol):
+    """Optional on an `ObjectStore`: a ranged read is a system call on a local file, not a
+    request (the local store). The core then reads each FUSE request straight from the
+    store, with no block cache and no read-ahead of its own: the kernel's page cache and
+    read-ahead of the store's file do both, and a copy in the block cache would only hold
+    the bytes twice and fault in fresh memory for every run. A wrapper answers for the
+    store it wraps."""
+
+    #: Whether reads are local (False on a wrapper of a store whose reads are requests).
+    reads_locally: bool
+
+
+@runtime_checkable
 class ChecksNames(Protocol):
     """Optional on an `ObjectStore`: names it would not keep as written.
 

@@ -24,6 +24,7 @@ from blobfs.store.base import (
     DropsOrphans,
     PendingSource,
     Range,
+    ReadsLocally,
     lineage_proves_append,
 )
 from blobfs.store.beneath import Tree, is_link_error
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 _PAGE_KEPT_FROM = 100
 
 
-class LocalStore(Publishing, DropsOrphans, AppendsInPlace):
+class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
     """The `ObjectStore` of a `file:///DIR` source (see the package docstring)."""
 
     #: A commit that only appends to a non-empty version copies its bytes from the spool
@@ -59,6 +60,10 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace):
     #: would copy it twice (`FileWriter`, issue 15 goal 6). Other epochs still stage into
     #: the temp version, which a new file's first commit renames into place.
     appends_in_place = True
+    #: A read is a pread on the store's file, which the kernel caches and reads ahead:
+    #: the core sends each FUSE read straight here, past its block cache (issue 15 goal 6:
+    #: a 2 GiB dd read went 0.46 -> 0.7-0.9 of the do-nothing pyfuse3 filesystem's speed).
+    reads_locally = True
 
     def __init__(self, root: Path, cfg: StoreConfig) -> None:
         self.root = root
