@@ -191,6 +191,33 @@ async def test_remote_replace_gives_estale_and_delete_enoent(store: MemoryStore,
         await fs.release(fh)
 
 
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+async def test_an_open_that_finds_its_inode_retired_is_estale(store: MemoryStore,
+                                                             tmp_path: Path,
+                                                             change: str) -> None:
+    """The open's own revalidation retires the kernel's inode (the blob was replaced or
+    deleted remotely): the open answers ESTALE, so the kernel looks the name up again.
+    It used to hand out a handle on the retired inode, whose every read then failed
+    with EIO ("keeps changing under the reader")."""
+    async with running_fs(store, tmp_path, metadata_ttl=0.0) as fs:
+        await write_file(fs, "o", b"old\n")
+        attr = await fs.lookup(1, "o")
+        v1 = await store.head("o")
+        if change == "replaced":
+            await put_bytes(store, "o", b"new!\n", base=v1, metadata={META_STREAM: "other"})
+        else:
+            await store.delete("o")
+        with pytest.raises(FsError) as exc:
+            await fs.open(attr.ino, os.O_RDONLY)
+        assert exc.value.errno == errno.ESTALE
+        if change == "replaced":
+            assert await read_file(fs, "o") == b"new!\n"  # what the kernel's retry opens
+        else:
+            with pytest.raises(FsError) as exc:
+                await fs.lookup(1, "o")
+            assert exc.value.errno == errno.ENOENT
+
+
 async def test_conflicting_rewrite_fails_with_eio_and_keeps_data(store: MemoryStore,
                                                                  tmp_path: Path) -> None:
     async with running_fs(store, tmp_path) as fs:

@@ -371,18 +371,27 @@ class Filesystem(Namespace, Renames, Commits, Reads):
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if inode.retired and not (inode.unlinked and writable):
-            # The kernel still had the name pointing here: ESTALE makes it look the name
-            # up again (LOOKUP_REVAL) and open the new inode, never this frozen version.
-            raise FsError(errno.ESTALE, f"{inode.key}: a newer version has a new inode",
-                          logging.DEBUG)
+        self._refuse_retired(inode, writable)
         if writable or flags & os.O_TRUNC:
             self._writable()
         with self._busy(inode):
             return await self._open_busy(inode, flags)
 
+    def _refuse_retired(self, inode: Inode, writable: bool) -> None:
+        if inode.retired and not (inode.unlinked and writable):
+            # The kernel still had the name pointing here: ESTALE makes it look the name
+            # up again (LOOKUP_REVAL) and open the new inode, never this frozen version.
+            raise FsError(errno.ESTALE, f"{inode.key}: a newer version has a new inode",
+                          logging.DEBUG)
+
     async def _open_busy(self, inode: Inode, flags: int) -> tuple[Fh, bool]:
-        await self._refresh(inode)
+        # On a store that reads locally a HEAD is a stat, and no block cache holds the
+        # version a handle would pin: open always asks, so it never pins one already
+        # replaced (whose first read would be ESTALE).
+        await self._refresh(inode, force=self.reader.reads_locally)
+        # The refresh may have found the blob replaced or deleted and retired this inode:
+        # a handle on it would read a version that is gone.
+        self._refuse_retired(inode, (flags & os.O_ACCMODE) != os.O_RDONLY)
         if inode.unlinked:
             # A writer's open that lost a race with an unlink of this name between the
             # kernel's look-up and its open: it gets the unlinked file, as on a local disk

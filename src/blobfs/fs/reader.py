@@ -53,7 +53,7 @@ class Reader:
         self.cache = cache
         #: Reads of a local store go straight to it (`ReadsLocally`); asked once, here:
         #: an isinstance() against a runtime Protocol costs ~10 us.
-        self._direct = isinstance(store, ReadsLocally) and store.reads_locally
+        self.reads_locally = isinstance(store, ReadsLocally) and store.reads_locally
         self._readahead_max = readahead_max
         self._spawn = spawn
         #: Blocks of runs decided on but whose fetch task has not claimed them in the
@@ -70,7 +70,7 @@ class Reader:
         end = min(off + size, meta.size)
         if end <= off:
             return b""
-        if self._direct:
+        if self.reads_locally:
             # The kernel's page cache is this store's cache: one pread per FUSE request,
             # into a buffer the heap reuses as soon as the reply is sent.
             return await self.store.read(meta.key, meta.etag, off, end - off)
