@@ -4,6 +4,11 @@
   a file reads as zeros up to the size written to it (or `--size` for `zero`, which
   always exists). The ceiling of any pyfuse3 filesystem on this machine: what is left
   between it and blobfs on file:// is blobfs's own work.
+- `null MNT --durable DIR`: the same, but a file's writes land in a file of its own under
+  DIR (one `pwrite`, on the trio thread) and its close fsyncs it: the least any
+  filesystem that keeps what it acknowledged must do on this disk. What is left between it
+  and blobfs on file:// is blobfs's own work; what is left between it and `null` is the
+  disk's and the page cache's.
 - `passthrough SRC MNT`: a read-only mirror of a directory, of the kind of pyfuse3's
   example `passthroughfs.py` (an inode per st_ino, attributes from lstat): the baseline
   for listing a big directory through Python FUSE.
@@ -48,11 +53,23 @@ def _attr(ino: int, mode: int, size: int, st: os.stat_result | None = None) -> A
 class NullFs(pyfuse3.Operations):
     enable_writeback_cache = False  # as blobfs: every write reaches the daemon
 
-    def __init__(self, zero_size: int) -> None:
+    def __init__(self, zero_size: int, durable: str | None = None) -> None:
         super().__init__()
         self.names: dict[bytes, int] = {b"zero": 2}
         self.sizes: dict[int, int] = {2: zero_size}
         self.next_ino = 3
+        #: With --durable: the directory written files land in, and each open file's fd.
+        self.durable = durable
+        self.fds: dict[int, int] = {}
+
+    def _land(self, ino: int, trunc: bool) -> None:
+        if self.durable is None or ino == 2:
+            return
+        if ino not in self.fds:
+            self.fds[ino] = os.open(os.path.join(self.durable, str(ino)),
+                                    os.O_WRONLY | os.O_CREAT, 0o600)
+        if trunc:
+            os.ftruncate(self.fds[ino], 0)
 
     def _get(self, ino: int) -> Any:
         if ino == pyfuse3.ROOT_INODE:
@@ -81,11 +98,13 @@ class NullFs(pyfuse3.Operations):
             ino = self.names[name] = self.next_ino
             self.next_ino += 1
         self.sizes[ino] = 0
+        self._land(ino, True)
         return pyfuse3.FileInfo(fh=ino), self._get(ino)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         if flags & os.O_TRUNC:
             self.sizes[inode] = 0
+        self._land(inode, bool(flags & os.O_TRUNC))
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -94,13 +113,20 @@ class NullFs(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.sizes[fh] = max(self.sizes.get(fh, 0), off + len(buf))
+        fd = self.fds.get(fh)
+        if fd is not None:
+            os.pwrite(fd, buf, off)
         return len(buf)
 
     async def flush(self, fh: int) -> None:
-        pass
+        fd = self.fds.get(fh)
+        if fd is not None:
+            os.fsync(fd)
 
     async def release(self, fh: int) -> None:
-        pass
+        fd = self.fds.pop(fh, None)
+        if fd is not None:
+            os.close(fd)
 
 
 class PassthroughFs(pyfuse3.Operations):
@@ -169,11 +195,13 @@ def main(argv: list[str]) -> int:
     null = sub.add_parser("null")
     null.add_argument("mountpoint")
     null.add_argument("--size", type=int, default=256 * MiB, help="size of the file 'zero'")
+    null.add_argument("--durable", metavar="DIR",
+                      help="land written files in DIR, fsync'd at close")
     passthrough = sub.add_parser("passthrough")
     passthrough.add_argument("source")
     passthrough.add_argument("mountpoint")
     args = p.parse_args(argv)
-    ops: pyfuse3.Operations = (NullFs(args.size) if args.kind == "null"
+    ops: pyfuse3.Operations = (NullFs(args.size, args.durable) if args.kind == "null"
                                else PassthroughFs(os.path.abspath(args.source)))
     pyfuse3.init(ops, args.mountpoint, {"fsname=benchlib-" + args.kind, "default_permissions"})
     try:

@@ -332,7 +332,11 @@ def fuse_ceiling(ss: ScaleSizes, ctx: Any, target: Target,
     file in the page cache (a fresh mount: the kernel caches nothing of the FUSE file),
     which leaves the disk out of both; the cold read (page cache dropped) and a plain
     read of the store's file from the disk are reported beside it. Writes include the
-    close, which commits (fsync) into the store.
+    close, which commits (fsync) into the store. The null filesystem keeps nothing, so
+    beside it the same filesystem with `--durable` (each write landed once in a file on the
+    store's disk, fsync'd at close) is timed too: the most a filesystem that keeps what it
+    acknowledged can write here (`durable_share_of_null`), and blobfs's share of that
+    (`write_share_of_durable`).
     """
     if not isinstance(backend, FileBackend):
         raise BenchError("the ceiling row is for file:// (the network stores have the SDK's)")
@@ -342,13 +346,22 @@ def fuse_ceiling(ss: ScaleSizes, ctx: Any, target: Target,
         name = f"ceil{size_mib}.bin"
         load0 = os.getloadavg()[0]
         runs: dict[str, list[float]] = {k: [] for k in (
-            "null_write", "blobfs_write", "null_read", "blobfs_read")}
+            "null_write", "durable_null_write", "blobfs_write", "null_read", "blobfs_read")}
+        landing = ctx.work / "durable-null"
+        landing.mkdir(exist_ok=True)
         for _ in range(ss.ceiling_rounds):
             with helper_mount(ctx, "null", "null", "--size", str(nbytes)) as mnt:
                 runs["null_write"].append(_dd_rate(
                     ["if=/dev/zero", f"of={mnt / 'out'}", f"count={size_mib}"], nbytes))
                 runs["null_read"].append(_dd_rate([f"if={mnt / 'zero'}", "of=/dev/null"],
                                                   nbytes))
+            # The same filesystem keeping what it acknowledged: each write lands once in
+            # a file beside the store (same disk), fsync'd at close, as blobfs's commit is.
+            with helper_mount(ctx, "durable", "null", "--durable", str(landing)) as mnt:
+                runs["durable_null_write"].append(_dd_rate(
+                    ["if=/dev/zero", f"of={mnt / 'out'}", f"count={size_mib}"], nbytes))
+            for f in landing.iterdir():
+                f.unlink()
             backend.delete(name)
             with target.mount(backend, ctx.mnt("ceil"), ctx.work,
                               label=f"ceil{size_mib}") as m:
@@ -362,6 +375,10 @@ def fuse_ceiling(ss: ScaleSizes, ctx: Any, target: Target,
         row: dict[str, Any] = {k: round(max(v), 1) for k, v in
                                ((f"{k}_mib_s", v) for k, v in runs.items())}
         row["write_share"] = round(row["blobfs_write_mib_s"] / row["null_write_mib_s"], 2)
+        row["durable_share_of_null"] = round(
+            row["durable_null_write_mib_s"] / row["null_write_mib_s"], 2)
+        row["write_share_of_durable"] = round(
+            row["blobfs_write_mib_s"] / row["durable_null_write_mib_s"], 2)
         row["read_share"] = round(row["blobfs_read_mib_s"] / row["null_read_mib_s"], 2)
         with target.mount(backend, ctx.mnt("ceil"), ctx.work, label=f"ceil{size_mib}c") as m:
             drop_caches()
