@@ -387,8 +387,11 @@ class Filesystem(Namespace, Renames, Commits, Reads):
     async def _open_busy(self, inode: Inode, flags: int) -> tuple[Fh, bool]:
         # On a store that reads locally a HEAD is a stat, and no block cache holds the
         # version a handle would pin: open always asks, so it never pins one already
-        # replaced (whose first read would be ESTALE).
-        await self._refresh(inode, force=self.reader.reads_locally)
+        # replaced (whose first read would be ESTALE). Not while this mount is itself
+        # creating, removing or renaming the key: the store is between two states then,
+        # and that change updates the inode itself.
+        await self._refresh(inode, force=self.reader.reads_locally
+                            and inode.key not in self._key_locks)
         # The refresh may have found the blob replaced or deleted and retired this inode:
         # a handle on it would read a version that is gone.
         self._refuse_retired(inode, (flags & os.O_ACCMODE) != os.O_RDONLY)
