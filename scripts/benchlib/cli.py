@@ -9,6 +9,7 @@ stops the servers and mounts it started, by PID, however it ends.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for the 1-minute load average to drop "
                    "below the CPU count (the run records the load either way)")
+    p.add_argument("--list-counts", default=None, metavar="N,N,...",
+                   help="directory sizes of the list row on every store (default 1000,10000,"
+                   "100000 on file:// and 1000,10000 on the network stores, whose seeding "
+                   "of 100,000 objects takes minutes to tens of minutes)")
     p.add_argument("--keep-work", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--render", action="store_true",
                    help="only rebuild results.md and results.png from results.json")
@@ -235,9 +240,18 @@ RUNNERS: dict[str, Callable[[workloads.Ctx, Target, Backend], dict[str, Any]]] =
 }
 
 
-def scale_runners(quick: bool) -> None:
+def scale_runners(quick: bool, list_counts: str | None = None) -> None:
     """Add issue 15's scale workloads (scripts/benchlib/scale.py) at the run's sizes."""
     ss = scale.QUICK if quick else scale.ScaleSizes()
+    if list_counts:
+        try:
+            counts = tuple(int(n) for n in list_counts.split(","))
+        except ValueError:
+            raise SystemExit(
+                f"scripts/bench: --list-counts takes numbers, not {list_counts!r}") from None
+        if not counts or min(counts) < 1:
+            raise SystemExit("scripts/bench: --list-counts takes positive numbers")
+        ss = dataclasses.replace(ss, list_counts=counts, list_counts_net=counts)
     RUNNERS.update({
         "list": functools.partial(scale.listing, ss),
         "idle": functools.partial(scale.idle, ss),
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         ["blobfs", *(PEERS if args.peers else ())]
     targets = [by_name(s) for s in systems]
     sizes = sizes_for(args.quick)
-    scale_runners(args.quick)
+    scale_runners(args.quick, args.list_counts)
     _wait_quiet(args.wait_quiet)
     # An upper bound that stops the run by itself; a default run takes well under it.
     budget = args.budget or (600.0 if args.quick else 1500.0) * len(targets)
