@@ -61,7 +61,8 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
         async def handler(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
             try:
                 if op in _ABANDONABLE and isinstance(self, FuseOps):
-                    return await self.requests.run(_caller(args), fn, self, *args, **kwargs)
+                    return await self.requests.run(self.caller(op, args), fn, self, *args,
+                                                   **kwargs)
                 return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
@@ -88,7 +89,8 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
 
 #: Requests that only ask (no change lands anywhere): one whose caller is gone can be
 #: dropped half way, and is when its caller is killed or the mount stops (`Requests`).
-_ABANDONABLE = frozenset({"lookup", "getattr", "opendir", "getxattr", "listxattr", "statfs"})
+_ABANDONABLE = frozenset({"lookup", "getattr", "opendir", "readdir", "getxattr", "listxattr",
+                          "statfs"})
 
 
 def _caller(args: tuple[Any, ...]) -> int:
@@ -254,7 +256,16 @@ class FuseOps(pyfuse3.Operations):
         self.replies = ErrorReplies(fs.errno_replies)
         self.requests = Requests()
         self._dirs: dict[int, DirStream] = {}
+        #: The thread that opened each directory handle: readdir names no caller, and one
+        #: waiting for a page is dropped when its reader is killed (`Requests.reap`).
+        self._dir_callers: dict[int, int] = {}
         self._next_dir_fh = 1 << 40
+
+    def caller(self, op: str, args: tuple[Any, ...]) -> int:
+        """The thread a request is for (0: unknown)."""
+        if op == "readdir":
+            return self._dir_callers.get(args[0], 0)
+        return _caller(args)
 
     @_translate("lookup")
     async def lookup(self, parent_inode: int, name: bytes,
@@ -285,19 +296,21 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        stream = await self.fs.opendir(inode)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dirs[fh] = await self.fs.opendir(inode)
+        self._dirs[fh] = stream
+        self._dir_callers[fh] = int(ctx.pid)
         return fh
 
     @_translate("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Entries are made as the kernel asks for them: each call costs what it returns,
-        # not the size of the directory.
+        # not the size of the directory, and waits only for the pages holding them.
         stream = self._dirs.get(fh)
         if stream is None:
             return
-        for i in range(start_id, len(stream.listing)):
+        for i in range(start_id, await self.fs.wait_dir_entries(stream, start_id)):
             entry = self.fs.dir_entry(stream, i)
             if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), _entry(entry.attr),
                                          i + 1):
@@ -309,7 +322,10 @@ class FuseOps(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         # A stream holds the listing it reads (a big directory's names and versions): it
         # goes with its handle. Without this every opendir kept its listing for good.
-        self._dirs.pop(fh, None)
+        stream = self._dirs.pop(fh, None)
+        self._dir_callers.pop(fh, None)
+        if stream is not None:
+            self.fs.releasedir(stream)
 
     @_translate("mkdir")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
