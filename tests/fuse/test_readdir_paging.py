@@ -18,21 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.fuse.test_scale_mount import BIG_DIR
+from tests.fuse.test_scale_mount import BIG_DIR, SLOW_LIST
 from tests.support import s3_env
 from tests.support.envs import StoreEnv
 from tests.support.mounting import mounted
 from tests.support.proxy import FaultPlan, Proxy, ProxyRequest, error_response
 from tests.support.s3_env import MotoServer
 
-#: Keys in the S3 directory: three pages of S3's 1,000 (moto is slow to fill).
-S3_KEYS = 2_100
+#: Keys in the S3 directory, and the page size the proxy asks moto for instead of S3's
+#: 1,000 (`_small_pages`): three pages, as a 3,000-key directory pages on S3, without
+#: the time filling moto with that many takes.
+S3_KEYS = 150
+S3_PAGE = 50
 #: How long each page after the first takes: the later pages of a directory much
 #: bigger than this one, on a slow store.
-SLOW_PAGE = 1.5
+SLOW_PAGE = 1.0
 #: Local-only files (created here, not committed: commit_interval is long), named to
 #: sort between, before and after the store's.
-LOCAL = ("a-local", "f001000.log-new", "zz-local")
+LOCAL = ("a-local", "f000100.log-new", "zz-local")
 
 
 def _size(i: int) -> int:
@@ -93,6 +96,12 @@ def _big_pages(proxy: Proxy, *, later: bool) -> list[Any]:
     return out
 
 
+def _small_pages(r: ProxyRequest) -> str | None:
+    if r.method == "GET" and "max-keys=1000" in r.target:
+        return r.target.replace("max-keys=1000", f"max-keys={S3_PAGE}")
+    return None
+
+
 def _later_page(r: ProxyRequest) -> bool:
     q = r.query
     return r.method == "GET" and q.get("prefix") == ["pfx/big/"] and "continuation-token" in q
@@ -107,6 +116,7 @@ def test_s3_readdir_streams_while_pages_come(
     closes the directory mid-listing stops the paging."""
     bucket = s3_env.bucket_of(s3env)
     _fill_s3(moto, bucket, S3_KEYS)
+    moto_proxy.rewrite = _small_pages
     env = s3_env.env_for(moto_proxy.url, bucket, moto_proxy.url)
     with mounted(env, tmp_path, "commit_interval=600") as m:
         big = m.path / "big"
@@ -118,6 +128,7 @@ def test_s3_readdir_streams_while_pages_come(
             expected = _store_view_s3(moto, bucket)
             expected.update({name: i + 10 for i, name in enumerate(LOCAL)})
             assert len(expected) == S3_KEYS + 1 + len(LOCAL)
+            assert S3_KEYS // S3_PAGE == 3
 
             # 1. Streaming: the first entry before the later pages.
             moto_proxy.reset()
@@ -160,28 +171,43 @@ def test_s3_readdir_streams_while_pages_come(
                                           match=_later_page)
             with os.scandir(big) as it:
                 next(it)
-            time.sleep(SLOW_PAGE + 1.0)  # deliberate: room for a third page that must not come
+            time.sleep(SLOW_PAGE + 0.5)  # deliberate: room for a third page that must not come
             assert len(_big_pages(moto_proxy, later=True)) == 1
+
+            # 4. A reader killed while its readdir waits for a page is let go at once
+            # (the request reaper), not when the page comes.
+            moto_proxy.reset()
+            moto_proxy.faults = FaultPlan(rate=1.0, kinds=("delay",), delay=SLOW_LIST,
+                                          match=_later_page)
+            ls = subprocess.Popen(["ls", "-f", str(big)], stdout=subprocess.DEVNULL)
+            while not _big_pages(moto_proxy, later=True):  # the first page was in
+                time.sleep(0.05)
+            time.sleep(0.5)  # deliberate: ls reads the first page's entries, then waits
+            ls.kill()
+            assert ls.wait(timeout=SLOW_LIST / 3) == -9
         finally:
             for f in local:
                 f.close()
     assert "Traceback" not in m.log()
 
 
-def _fill_local(root: Path, n: int) -> None:
-    (root / "big").mkdir()
+def _fill_local(root: Path, n: int, name: str = "big") -> None:
+    (root / name).mkdir()
     for i in range(n):
-        (root / "big" / f"f{i:06d}.log").write_bytes(b"x" * _size(i))
-    (root / "big" / "sub").mkdir()
+        (root / name / f"f{i:06d}.log").write_bytes(b"x" * _size(i))
+    (root / name / "sub").mkdir()
 
 
-def _store_view_local(root: Path) -> dict[str, int | None]:
+def _store_view_local(root: Path, name: str = "big") -> dict[str, int | None]:
     out: dict[str, int | None] = {}
-    with os.scandir(root / "big") as it:
+    with os.scandir(root / name) as it:
         for e in it:
             out[e.name] = None if e.is_dir() else e.stat().st_size
     return out
 
+
+#: The directory the stress runs in: 4 pages.
+MID_DIR = 4_000
 
 #: A lister: lists `big` ROUNDS times; each listing must hold every store file of the
 #: fill, once each, in store order. Prints what went wrong, if anything.
@@ -216,11 +242,13 @@ for i in range(count):
 def test_local_listing_whole_and_in_order_while_it_changes(
     file_env: StoreEnv, tmp_path: Path,
 ) -> None:
-    """file:// with BIG_DIR entries: the listing is the store's plus local-only files;
-    then three listers and two creator-unlinkers run at once while it pages: every
-    listing holds the fill once each in order, and the mount agrees with the store."""
+    """file:// with BIG_DIR entries: the listing is the store's plus local-only files.
+    Then in a directory of MID_DIR, three listers and two creator-unlinkers run at once
+    (each change starts another paging while others run): every listing holds the fill
+    once each in order, and the mount agrees with the store at the end."""
     root = Path(file_env.url.removeprefix("file://"))
     _fill_local(root, BIG_DIR)
+    _fill_local(root, MID_DIR, "mid")
     with mounted(file_env, tmp_path, "commit_interval=600") as m:
         big = m.path / "big"
         local = [open(big / name, "wb") for name in LOCAL]  # noqa: SIM115
@@ -236,15 +264,15 @@ def test_local_listing_whole_and_in_order_while_it_changes(
         finally:
             for f in local:
                 f.close()
-        time.sleep(1.5)  # deliberate: past list_ttl, so the listers page it cold
-        procs = [subprocess.Popen([sys.executable, "-c", _LISTER, str(big), str(BIG_DIR),
+        mid = m.path / "mid"
+        procs = [subprocess.Popen([sys.executable, "-c", _LISTER, str(mid), str(MID_DIR),
                                    "3"], stderr=subprocess.PIPE) for _ in range(3)]
-        procs += [subprocess.Popen([sys.executable, "-c", _CREATOR, str(big), tag, "30"],
+        procs += [subprocess.Popen([sys.executable, "-c", _CREATOR, str(mid), tag, "30"],
                                    stderr=subprocess.PIPE) for tag in ("a", "b")]
         errors = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs
                   if p.stderr is not None]
         assert all(rc == 0 for rc, _ in errors), errors
-        names, view = _mount_view(big)
-        assert view == _store_view_local(root)
+        names, view = _mount_view(mid)
+        assert view == _store_view_local(root, "mid")
         assert sorted(n for n in names if n.startswith("w")) == sorted(
             f"w{t}-{i:03d}" for t in "ab" for i in range(0, 30, 2))
