@@ -62,7 +62,7 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
             try:
                 if op in _ABANDONABLE and isinstance(self, FuseOps):
                     return await self.requests.run(self.caller(op, args), fn, self, *args,
-                                                   **kwargs)
+                                                   by_proxy=op == "readdir", **kwargs)
                 return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
@@ -101,14 +101,15 @@ def _caller(args: tuple[Any, ...]) -> int:
     return 0
 
 
-def _being_killed(tid: int) -> bool:
-    """Whether thread `tid` is gone, exiting, or has a fatal signal pending: a fatal
-    signal shows as SIGKILL pending (the kernel turns it into one for every thread)."""
+def _being_killed(tid: int, *, gone: bool = True) -> bool:
+    """Whether thread `tid` is gone (answered `gone`), exiting, or has a fatal signal
+    pending: a fatal signal shows as SIGKILL pending (the kernel turns it into one for
+    every thread)."""
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             status = f.read()
     except OSError:
-        return True
+        return gone
     kill_bit = 1 << (signal.SIGKILL - 1)
     for line in status.splitlines():
         if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill_bit:
@@ -133,13 +134,17 @@ class Requests:
     CHECK_AFTER = 0.5
 
     def __init__(self) -> None:
-        self._running: dict[trio.CancelScope, tuple[int, float]] = {}
+        self._running: dict[trio.CancelScope, tuple[int, float, bool]] = {}
         #: Set when a request starts: the reaper sleeps on it while none runs.
         self._started = trio.Event()
 
-    async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any,
+                  by_proxy: bool = False) -> T:
+        """Run `fn(*args)` for thread `tid`; `by_proxy`: `tid` is not the caller but the
+        thread that opened the handle (readdir names no caller), so its being gone says
+        nothing (another thread may read the handle): only a fatal signal drops it."""
         with trio.CancelScope() as scope:
-            self._running[scope] = (tid, trio.current_time())
+            self._running[scope] = (tid, trio.current_time(), by_proxy)
             self._started.set()
             try:
                 return await fn(*args)
@@ -156,8 +161,9 @@ class Requests:
         how many (blocking: reads /proc, once per such request)."""
         now = trio.current_time()
         dropped = 0
-        for scope, (tid, started) in list(self._running.items()):
-            if tid and now - started >= self.CHECK_AFTER and _being_killed(tid):
+        for scope, (tid, started, by_proxy) in list(self._running.items()):
+            if (tid and now - started >= self.CHECK_AFTER
+                    and _being_killed(tid, gone=not by_proxy)):
                 scope.cancel()
                 dropped += 1
         return dropped

@@ -238,19 +238,20 @@ class Namespace(CoreParts):
     async def _run_paging(self, inode: Inode, paging: Paging) -> None:
         """Page the directory into `paging` (a task of its own: the streams reading it
         come and go); cache the complete listing unless the directory changed meanwhile."""
-        error: BaseException | None = None
-        with paging.scope:
-            try:
-                await self._page_into(inode, paging)
-            except Exception as exc:  # a store error: each reader gets it, nothing is kept
-                error = exc
-        if paging.scope.cancelled_caught:
-            error = FsError(errno.EINTR, f"listing {inode.key!r} stopped: nobody reads it")
-        paging.finish(error)
-        if self._pagings.get(inode.key) is paging:
-            del self._pagings[inode.key]
+        error: BaseException | None = FsError(errno.EINTR, f"listing {inode.key!r} stopped")
+        try:
+            with paging.scope:  # cancelled once nobody uses it (`_leave_paging`)
+                try:
+                    await self._page_into(inode, paging)
+                    error = None
+                except Exception as exc:  # a store error: each reader gets it
+                    error = exc
+        finally:  # also when the mount stops: no reader is left waiting
+            paging.finish(error)
+            if self._pagings.get(inode.key) is paging:
+                del self._pagings[inode.key]
         if error is not None:
-            return
+            return  # nothing is kept
         listing = paging.listing
         listing.at = trio.current_time()
         listing.took = listing.at - paging.started
