@@ -10,6 +10,7 @@ which pages had come, never how long anything took.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -77,6 +78,45 @@ def _mount_view(path: Path) -> tuple[list[str], dict[str, int | None]]:
             names.append(e.name)
             view[e.name] = None if e.is_dir(follow_symlinks=False) else e.stat().st_size
     return names, view
+
+
+def _seek_back(path: Path, at: tuple[int, ...]) -> tuple[list[str], list[str], str]:
+    """Read `path` with libc's readdir, noting telldir before each entry (while the
+    listing pages: the directory is cold); then seekdir back to each entry index in `at`
+    and read one, then rewinddir and read one. (all names, names read after the seeks,
+    first name after the rewind)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir.restype = ctypes.c_void_p
+    libc.telldir.restype = ctypes.c_long
+    for fn in (libc.readdir, libc.telldir, libc.rewinddir, libc.closedir):
+        fn.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    d = libc.opendir(os.fsencode(path))
+    assert d, os.strerror(ctypes.get_errno())
+
+    def one() -> str:
+        p = libc.readdir(d)
+        assert p, "end of directory"
+        return ctypes.string_at(p + 19).decode()  # struct dirent's d_name (x86_64, arm64)
+
+    try:
+        names, where = [], []
+        while True:
+            where.append(libc.telldir(d))
+            p = libc.readdir(d)
+            if not p:
+                break
+            names.append(ctypes.string_at(p + 19).decode())
+        again = []
+        for i in at:
+            libc.seekdir(d, where[i])
+            again.append(one())
+        libc.rewinddir(d)
+        return names, again, one()
+    finally:
+        libc.closedir(d)
 
 
 def _in_store_order(names: list[str], view: dict[str, int | None]) -> bool:
@@ -261,6 +301,12 @@ def test_local_listing_whole_and_in_order_while_it_changes(
             names, view = _mount_view(big)
             assert view == expected
             assert _in_store_order(names, view)
+            (big / "poke").write_bytes(b"")  # changes: it pages again as it is read
+            (big / "poke").unlink()
+            at = (len(names) - 1, 5000, 1000, 999, 1, 0)  # seekdir backwards
+            read, again, rewound = _seek_back(big, at)
+            assert read == names
+            assert again == [names[i] for i in at] and rewound == names[0]
         finally:
             for f in local:
                 f.close()
