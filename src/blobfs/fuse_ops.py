@@ -61,7 +61,8 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
         async def handler(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
             try:
                 if op in _ABANDONABLE and isinstance(self, FuseOps):
-                    return await self.requests.run(_caller(args), fn, self, *args, **kwargs)
+                    return await self.requests.run(self.caller(op, args), fn, self, *args,
+                                                   by_proxy=op == "readdir", **kwargs)
                 return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
@@ -88,7 +89,8 @@ def _translate(op: str) -> Callable[[Callable[Concatenate[S, P], Awaitable[T]]],
 
 #: Requests that only ask (no change lands anywhere): one whose caller is gone can be
 #: dropped half way, and is when its caller is killed or the mount stops (`Requests`).
-_ABANDONABLE = frozenset({"lookup", "getattr", "opendir", "getxattr", "listxattr", "statfs"})
+_ABANDONABLE = frozenset({"lookup", "getattr", "opendir", "readdir", "getxattr", "listxattr",
+                          "statfs"})
 
 
 def _caller(args: tuple[Any, ...]) -> int:
@@ -99,14 +101,15 @@ def _caller(args: tuple[Any, ...]) -> int:
     return 0
 
 
-def _being_killed(tid: int) -> bool:
-    """Whether thread `tid` is gone, exiting, or has a fatal signal pending: a fatal
-    signal shows as SIGKILL pending (the kernel turns it into one for every thread)."""
+def _being_killed(tid: int, *, gone: bool = True) -> bool:
+    """Whether thread `tid` is gone (answered `gone`), exiting, or has a fatal signal
+    pending: a fatal signal shows as SIGKILL pending (the kernel turns it into one for
+    every thread)."""
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             status = f.read()
     except OSError:
-        return True
+        return gone
     kill_bit = 1 << (signal.SIGKILL - 1)
     for line in status.splitlines():
         if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill_bit:
@@ -131,13 +134,17 @@ class Requests:
     CHECK_AFTER = 0.5
 
     def __init__(self) -> None:
-        self._running: dict[trio.CancelScope, tuple[int, float]] = {}
+        self._running: dict[trio.CancelScope, tuple[int, float, bool]] = {}
         #: Set when a request starts: the reaper sleeps on it while none runs.
         self._started = trio.Event()
 
-    async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def run(self, tid: int, fn: Callable[..., Awaitable[T]], *args: Any,
+                  by_proxy: bool = False) -> T:
+        """Run `fn(*args)` for thread `tid`; `by_proxy`: `tid` is not the caller but the
+        thread that opened the handle (readdir names no caller), so its being gone says
+        nothing (another thread may read the handle): only a fatal signal drops it."""
         with trio.CancelScope() as scope:
-            self._running[scope] = (tid, trio.current_time())
+            self._running[scope] = (tid, trio.current_time(), by_proxy)
             self._started.set()
             try:
                 return await fn(*args)
@@ -154,8 +161,9 @@ class Requests:
         how many (blocking: reads /proc, once per such request)."""
         now = trio.current_time()
         dropped = 0
-        for scope, (tid, started) in list(self._running.items()):
-            if tid and now - started >= self.CHECK_AFTER and _being_killed(tid):
+        for scope, (tid, started, by_proxy) in list(self._running.items()):
+            if (tid and now - started >= self.CHECK_AFTER
+                    and _being_killed(tid, gone=not by_proxy)):
                 scope.cancel()
                 dropped += 1
         return dropped
@@ -254,7 +262,16 @@ class FuseOps(pyfuse3.Operations):
         self.replies = ErrorReplies(fs.errno_replies)
         self.requests = Requests()
         self._dirs: dict[int, DirStream] = {}
+        #: The thread that opened each directory handle: readdir names no caller, and one
+        #: waiting for a page is dropped when its reader is killed (`Requests.reap`).
+        self._dir_callers: dict[int, int] = {}
         self._next_dir_fh = 1 << 40
+
+    def caller(self, op: str, args: tuple[Any, ...]) -> int:
+        """The thread a request is for (0: unknown)."""
+        if op == "readdir":
+            return self._dir_callers.get(args[0], 0)
+        return _caller(args)
 
     @_translate("lookup")
     async def lookup(self, parent_inode: int, name: bytes,
@@ -285,19 +302,21 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        stream = await self.fs.opendir(inode)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dirs[fh] = await self.fs.opendir(inode)
+        self._dirs[fh] = stream
+        self._dir_callers[fh] = int(ctx.pid)
         return fh
 
     @_translate("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Entries are made as the kernel asks for them: each call costs what it returns,
-        # not the size of the directory.
+        # not the size of the directory, and waits only for the pages holding them.
         stream = self._dirs.get(fh)
         if stream is None:
             return
-        for i in range(start_id, len(stream.listing)):
+        for i in range(start_id, await self.fs.wait_dir_entries(stream, start_id)):
             entry = self.fs.dir_entry(stream, i)
             if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), _entry(entry.attr),
                                          i + 1):
@@ -309,7 +328,10 @@ class FuseOps(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         # A stream holds the listing it reads (a big directory's names and versions): it
         # goes with its handle. Without this every opendir kept its listing for good.
-        self._dirs.pop(fh, None)
+        stream = self._dirs.pop(fh, None)
+        self._dir_callers.pop(fh, None)
+        if stream is not None:
+            self.fs.releasedir(stream)
 
     @_translate("mkdir")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,

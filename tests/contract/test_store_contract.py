@@ -103,6 +103,29 @@ async def test_list_prefix_delimiter_pagination(any_store: ObjectStore) -> None:
     assert top.prefixes == ["dir/"]
 
 
+async def test_list_pages_in_key_order(any_store: ObjectStore) -> None:
+    """Pages come in key order, a directory (common prefix) in its place with its '/':
+    every entry of a page sorts after every entry of the page before. A directory
+    stream hands out entries as pages come (fs/paging.py) and relies on it."""
+    names = ["o/x.log", "o/x-1", "o/x/in", "o/x0", "o/a b", "o/y/z", "o/Z", "o/x.d/q",
+             "o/\u00e9t\u00e9", "o/~"]
+    for name in names:
+        await put_bytes(any_store, name, b"x", base=None, metadata={})
+    pages: list[list[str]] = []
+    token = None
+    while True:
+        page = await any_store.list("o/", token=token, limit=2)
+        pages.append(sorted([o.key for o in page.objects if o.key != "o/"] + page.prefixes))
+        token = page.token
+        if token is None:
+            break
+    flat = [k for p in pages for k in p]
+    assert len(pages) >= 4
+    assert flat == sorted(flat) and len(set(flat)) == len(flat), pages
+    assert set(flat) == {"o/x.log", "o/x-1", "o/x/", "o/x0", "o/a b", "o/y/", "o/Z",
+                         "o/x.d/", "o/\u00e9t\u00e9", "o/~"}
+
+
 async def test_staged_blocks_and_partial_rewrite(any_store: ObjectStore) -> None:
     block = 5 * MiB + 123  # over S3's part minimum so staging is real everywhere
     data = os.urandom(2 * block + 777)

@@ -108,10 +108,11 @@ async def test_memory_per_entry_bounded_and_returned_after_forget(
             # What readdirplus does: every entry becomes an inode the kernel holds.
             stream = await fs.opendir(big.ino)
             inos = []
-            for i in range(len(stream.listing)):
+            for i in range(await fs.wait_dir_entries(stream, ENTRIES)):
                 entry = fs.dir_entry(stream, i)
                 fs.remember(entry.attr.ino)
                 inos.append(entry.attr.ino)
+            fs.releasedir(stream)
             del stream, entry
             gc.collect()
             held = tracemalloc.get_traced_memory()[0] - before

@@ -5,8 +5,9 @@ request to the upstream, streaming bodies both ways and keeping client connectio
 It counts requests per method and request-body bytes (`stats()`, `reset()`), records each
 request (`records`), can inject failures (`faults`: a `FaultPlan` or a callable deciding
 per request), can answer requests itself (`hook`), e.g. `S3Conditions`, which enforces
-the S3 conditions moto ignores, and can play an endpoint that is down (`go_down`,
-`come_up`, `down`): it refuses connections, or accepts and resets each one.
+the S3 conditions moto ignores, can send them on to another target (`rewrite`), and can
+play an endpoint that is down (`go_down`, `come_up`, `down`): it refuses connections, or
+accepts and resets each one.
 
 Store-agnostic except `S3Conditions` and the shape of injected error bodies (an S3-style
 XML body plus Azure's `x-ms-error-code` header, so both SDKs classify them). Stdlib only.
@@ -210,6 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "delay":
             delay = getattr(decide, "delay", 0.2)
             time.sleep(delay)  # the injected fault itself: a slow server
+        rewrite = proxy.rewrite
+        target = rewrite(req) if rewrite is not None else None
+        if target is not None:
+            req = ProxyRequest(req.method, target, req.headers)
         hook = proxy.hook
         resp = hook(req) if hook is not None else None
         if resp is not None:
@@ -336,6 +341,9 @@ class Proxy:
     Attributes:
         faults: None, a `FaultPlan`, or any callable returning a fault kind or None.
         hook: None or a callable that may answer a request itself (return a response).
+        rewrite: None or a callable that may forward a request to another target (path
+            and query; return it), e.g. to ask moto for smaller listing pages. Records
+            keep what the client sent.
         records: every request seen since the last `reset()`.
     """
 
@@ -349,6 +357,7 @@ class Proxy:
         self.upstream_timeout = upstream_timeout
         self.faults: FaultDecider | None = None
         self.hook: Hook | None = None
+        self.rewrite: Callable[[ProxyRequest], str | None] | None = None
         self.records: list[RequestRecord] = []
         self._lock = threading.Lock()
         self._bytes_up = 0

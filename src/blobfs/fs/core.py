@@ -36,6 +36,7 @@ from blobfs.fs.cache import BlockCache
 from blobfs.fs.commits import Commits
 from blobfs.fs.inodes import ROOT_INO, Inode, InodeTable
 from blobfs.fs.namespace import Namespace
+from blobfs.fs.paging import Paging
 from blobfs.fs.reader import Reader
 from blobfs.fs.reads import Reads
 from blobfs.fs.records import Attr, DirEntry, DirStream, Handle, Listing, Stats, Version
@@ -87,8 +88,9 @@ class Filesystem(Namespace, Renames, Commits, Reads):
         self._listings: dict[str, Listing] = {}
         #: Entries freed since the heap was last trimmed (`Namespace._freed`).
         self._freed_entries: int = 0
-        #: Directories being paged now: lookups and readdirs of them wait for that paging.
-        self._listing_busy: dict[str, trio.Event] = {}
+        #: Directories being paged now, by key: opendirs and lookups of one share its
+        #: paging (`Namespace._join_paging`).
+        self._pagings: dict[str, Paging] = {}
         #: Files created here, by parent key, until committed (`_uncommitted_creates`).
         self._creates: dict[str, dict[Ino, Inode]] = {}
         #: Per-key locks of the namespace changes (create, unlink, rename): one waits for

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 import time
 import weakref
 
@@ -26,6 +27,7 @@ from blobfs.errors import (
     name_too_long,
 )
 from blobfs.fs.inodes import Inode, valid_name
+from blobfs.fs.paging import Item, Paging
 from blobfs.fs.parts import CoreParts
 from blobfs.fs.records import Attr, DirEntry, DirStream, Listing
 from blobfs.store.base import put_bytes
@@ -80,8 +82,9 @@ class Namespace(CoreParts):
         listing = await self._lookup_listing(parent)
         if listing is not None:
             listing.hits += 1
-            if key in listing.dirs:
-                return self.inodes.ensure(key + "/", True)
+            at = listing.index(key + "/")
+            if at is not None:
+                return self.inodes.ensure(listing.keys[at], True)
             at = listing.index(key)
             if at is not None:
                 return self.inodes.ensure(key, False, listing.metas[at])
@@ -190,34 +193,80 @@ class Namespace(CoreParts):
         return await self._list(parent)
 
     async def _list(self, inode: Inode) -> Listing:
-        """The directory's listing, paged through the store at most once per list_ttl."""
+        """The directory's whole listing, paged through the store at most once per
+        list_ttl; a paging already running is shared.
+
+        Raises: the paging's store error."""
         while True:
             cached = self._listings.get(inode.key)
             if cached is not None and self._fresh(cached):
                 return cached
-            busy = self._listing_busy.get(inode.key)
-            if busy is None:
-                break
-            await busy.wait()  # another task is paging it: share its result
-            listing = self._listings.get(inode.key)
-            if listing is not None:
-                return listing
-        busy = self._listing_busy[inode.key] = trio.Event()
-        # A change here while the pages come in makes this listing stale at birth: use it
-        # for this answer, do not keep it (a kept one hid new files from rm: issue 11).
+            paging, started = self._join_paging(inode)
+            try:
+                await paging.wait_entries(sys.maxsize)
+            finally:
+                self._leave_paging(inode.key, paging)
+            # A change here while the pages came in made this listing stale at birth:
+            # its starter uses it for this answer; one who joined pages it anew (a kept
+            # one hid new files from rm: issue 11).
+            if started or paging.kept:
+                return paging.listing
+
+    def _join_paging(self, inode: Inode) -> tuple[Paging, bool]:
+        """Use the paging of `inode` running since its last change, or start one; True
+        when started. The caller must `_leave_paging` it."""
         changes = self._dir_changes.get(inode.key, 0)
+        paging = self._pagings.get(inode.key)
+        started = paging is None or paging.changes != changes
+        if paging is None or started:
+            local = sorted(other.key for other in self._uncommitted_creates(inode.key))
+            paging = Paging(Listing(0.0, [], [], 0), local, changes, self.inodes.warn_once)
+            self._pagings[inode.key] = paging
+            self._spawn(self._run_paging, inode, paging)
+        paging.users += 1
+        return paging, started
+
+    def _leave_paging(self, dir_key: str, paging: Paging) -> None:
+        """One user less; a paging nobody uses any more stops (a killed `ls` of a big
+        directory does not leave the daemon paging it) and keeps nothing."""
+        paging.users -= 1
+        if paging.users == 0 and not paging.done:
+            paging.scope.cancel()
+            if self._pagings.get(dir_key) is paging:
+                del self._pagings[dir_key]
+
+    async def _run_paging(self, inode: Inode, paging: Paging) -> None:
+        """Page the directory into `paging` (a task of its own: the streams reading it
+        come and go); cache the complete listing unless the directory changed meanwhile."""
+        error: BaseException | None = FsError(errno.EINTR, f"listing {inode.key!r} stopped")
         try:
-            listing = await self._page_listing(inode)
-        finally:
-            del self._listing_busy[inode.key]
-            busy.set()
-        if self._dir_changes.get(inode.key, 0) == changes:
+            with paging.scope:  # cancelled once nobody uses it (`_leave_paging`)
+                try:
+                    await self._page_into(inode, paging)
+                    error = None
+                except Exception as exc:  # a store error: each reader gets it
+                    error = exc
+        finally:  # also when the mount stops: no reader is left waiting
+            paging.finish(error)
+            if self._pagings.get(inode.key) is paging:
+                del self._pagings[inode.key]
+        if error is not None:
+            return  # nothing is kept
+        listing = paging.listing
+        listing.at = trio.current_time()
+        listing.took = listing.at - paging.started
+        if len(listing) >= TRIM_AFTER:
+            # The pages' buffers (ours and the store's) leave holes all through the
+            # heap, which the inodes made while it paged keep from its top (`_freed`):
+            # 2-4 MiB of RSS after a cold `ls` of 100,000 entries.
+            self._spawn(trio.to_thread.run_sync, trim_malloc)
+        if self._dir_changes.get(inode.key, 0) == paging.changes:
+            paging.kept = True
             self._listings[inode.key] = listing
             self._prune_listings()
             stale_for = max(self.cfg.list_ttl, listing.took)
             self._spawn(self._expire_listing, inode.key, weakref.ref(listing),
                         listing.at + self._ttl(listing) + stale_for)
-        return listing
 
     async def _expire_listing(self, dir_key: str, ref: weakref.ref[Listing],
                               when: float) -> None:
@@ -256,20 +305,17 @@ class Namespace(CoreParts):
                 del self._listings[key]
                 self._freed(len(listing))
 
-    async def _page_listing(self, inode: Inode) -> Listing:
+    async def _page_into(self, inode: Inode, paging: Paging) -> None:
+        """Page the directory through the store, each page into `paging` as it comes."""
         prefix = inode.key
-        started = trio.current_time()
-        dirs: dict[str, None] = {}
-        # Every entry (directories join once paging is done); the listing keeps them sorted.
-        entries: dict[str, ObjectMeta | None] = {}
         token = None
-        pages = 0
         while True:
             page = await self.store.list(prefix, token=token)
-            pages += 1
+            paging.listing.pages += 1
+            items: list[Item] = []
             for p in page.prefixes:
                 if valid_name(p[len(prefix):-1]):
-                    dirs[p[:-1]] = None
+                    items.append((p, None))
                 else:
                     self.inodes.warn_once(p, "not a valid path name")
             for meta in page.objects:
@@ -282,24 +328,13 @@ class Namespace(CoreParts):
                         # Paged again while the kernel holds its inodes (`ls` then
                         # `ls -l`): keep the one object, not a second copy per entry.
                         meta = known.meta
-                    entries[meta.key] = meta
+                    items.append((meta.key, meta))
                 else:
                     self.inodes.warn_once(meta.key, "not a valid path name")
             token = page.token
+            paging.add(items, last=token is None)
             if token is None:
-                break
-        for key in dirs:
-            if key in entries:
-                self.inodes.warn_once(key, "a file beside a directory of the same "
-                                      "name; the directory wins")
-            entries[key] = None
-        # Files created here and not committed yet are part of the directory too.
-        for other in self._uncommitted_creates(prefix):
-            entries.setdefault(other.key, None)
-        keys = sorted(entries)
-        metas = [entries[key] for key in keys]
-        now = trio.current_time()
-        return Listing(now, keys, metas, frozenset(dirs), pages, now - started)
+                return
 
     def _note_create(self, inode: Inode) -> None:
         """Index a file this mount created, by directory, until its first commit."""
@@ -324,33 +359,67 @@ class Namespace(CoreParts):
         return out
 
     async def opendir(self, ino: int) -> DirStream:
-        """Start reading a directory: its listing, kept whole for this stream.
+        """Start reading a directory: a fresh cached listing, or the paging of one (shared
+        with any other opendir or lookup of the directory since its last change), once its
+        first page is in. Release the stream with `releasedir`.
 
-        Blocks: awaits the store (the listing's pages) unless a fresh listing is cached,
-        and waits for a paging of the same directory already running.
+        Blocks: awaits the first page of the listing unless a fresh listing is cached.
 
         Raises:
             FsError: ENOENT for an unknown inode, ENOTDIR.
             StoreError: AccessDenied, or StoreUnavailable once `store/_blocking` gave up
-                retrying.
+                retrying, from the first page.
         """
         inode = self._inode(ino)
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR)
-        return DirStream(inode, await self._list(inode))
+        cached = self._listings.get(inode.key)
+        if cached is not None and self._fresh(cached):
+            return DirStream(inode, cached)
+        paging, _ = self._join_paging(inode)
+        try:
+            await paging.wait_first_page()
+        except BaseException:
+            self._leave_paging(inode.key, paging)
+            raise
+        return DirStream(inode, paging.listing, paging)
+
+    async def wait_dir_entries(self, stream: DirStream, index: int) -> int:
+        """How many entries of an open directory can be read now, once entry `index` is
+        in or the listing ended (`dir_entry` of any index below answers). Offsets stay
+        put: later pages only add entries after those known.
+
+        Blocks: awaits the pages up to entry `index` while the listing is paged.
+
+        Raises:
+            StoreError: the paging's error, once every entry paged before it was read
+                (the same error for every reader; nothing was cached).
+        """
+        paging = stream.paging
+        if paging is not None and len(stream.listing) <= index:
+            await paging.wait_entries(index + 1)
+        return len(stream.listing)
+
+    def releasedir(self, stream: DirStream) -> None:
+        """Done with an open directory: the paging it read stops if nobody else waits for
+        it. Never blocks; releasing twice is harmless."""
+        paging, stream.paging = stream.paging, None
+        if paging is not None:
+            self._leave_paging(stream.inode.key, paging)
 
     def dir_entry(self, stream: DirStream, index: int) -> DirEntry:
         """Entry `index` of an open directory (its inode made on first use, not before).
 
-        Never blocks. Raises IndexError past the end of `stream.listing`."""
+        Never blocks. Raises IndexError past the entries known (`wait_dir_entries`)."""
         listing = stream.listing
         key = listing.keys[index]
         meta = listing.metas[index]
-        is_dir = meta is None and key in listing.dirs
-        # A file's key is its version's own string: one string for the listing, the
-        # version and the inode.
-        child = self.inodes.ensure(key + "/" if is_dir else key, is_dir, meta)
-        return DirEntry(key[len(stream.inode.key):], self._attr(child))
+        is_dir = meta is None and key.endswith("/")
+        # A key is its version's (or the store's prefix's) own string: one string for
+        # the listing, the version and the inode.
+        child = self.inodes.ensure(key, is_dir, meta)
+        name = key[len(stream.inode.key):-1] if is_dir else key[len(stream.inode.key):]
+        return DirEntry(name, self._attr(child))
 
     def dir_entry_unused(self, ino: int) -> None:
         """The adapter made an entry's inode but the kernel did not take it."""
@@ -360,9 +429,13 @@ class Namespace(CoreParts):
 
     async def readdir(self, ino: int) -> list[DirEntry]:
         """All entries of a directory at once (`opendir` + `dir_entry`; the HTTP face and
-        tests). Blocks and raises as `opendir`."""
+        tests). Blocks and raises as `opendir` and `wait_dir_entries`."""
         stream = await self.opendir(ino)
-        return [self.dir_entry(stream, i) for i in range(len(stream.listing))]
+        try:
+            known = await self.wait_dir_entries(stream, sys.maxsize - 1)
+            return [self.dir_entry(stream, i) for i in range(known)]
+        finally:
+            self.releasedir(stream)
 
     async def mkdir(self, parent_ino: int, name: str) -> Attr:
         """Create directory `name` in `parent_ino`: an empty marker blob `name/`, put with

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from blobfs.config import MountConfig
     from blobfs.errors import FsError
     from blobfs.fs.inodes import Inode, InodeTable
+    from blobfs.fs.paging import Paging
     from blobfs.fs.reader import Reader
     from blobfs.fs.records import Attr, Handle, Listing, Stats
     from blobfs.fs.spool import Spool
@@ -45,7 +46,7 @@ class CoreParts(Protocol):
     _handles: dict[Fh, Handle]
     _listings: dict[str, Listing]
     _freed_entries: int
-    _listing_busy: dict[str, trio.Event]
+    _pagings: dict[str, Paging]
     _creates: dict[str, dict[Ino, Inode]]
     _dir_changes: dict[str, int]
     _stage_limiter: trio.CapacityLimiter

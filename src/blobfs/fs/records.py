@@ -9,10 +9,14 @@ from __future__ import annotations
 import bisect
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from blobfs.fs.inodes import Inode
 from blobfs.fs.reader import Window
 from blobfs.types import Fh, Ino, ObjectMeta
+
+if TYPE_CHECKING:
+    from blobfs.fs.paging import Paging
 
 
 #: Slots: `ls -l` of a big directory makes an Attr and a DirEntry per entry.
@@ -70,19 +74,21 @@ class Listing:
     Two parallel lists sorted by key: a lookup is a bisection (17 probes in 100,000
     entries), so it costs about the same in a directory of any size, and an entry costs two
     list slots, not a dict slot (a dict of 100,000 entries holds room for 174,762: 52 bytes
-    each). Never mutated once built (a refresh makes a new one), so an open directory
-    stream can keep reading the one it started with.
+    each). While it is paged (`fs/paging.Paging`) entries are only appended, in key order;
+    once complete it is never changed (a refresh makes a new one), so an open directory
+    stream keeps reading the one it started with, and an offset names one entry for good.
     """
 
+    #: When paging ended (`Namespace._fresh`); 0 while it is paged.
     at: float
-    #: Entry keys (a directory's without its trailing '/'), sorted: readdir order, and a
-    #: readdir offset is an index into it. Keys, not names: a file's is its ObjectMeta's
-    #: own string, so an entry costs no string of its own (60 bytes of 100,000).
+    #: Entry keys, a directory's with its trailing '/', sorted: readdir order (the order
+    #: the stores page in), and a readdir offset is an index into it. Keys, not names: a
+    #: file's is its ObjectMeta's own string, a directory's the store's prefix string, so
+    #: an entry costs no string of its own (60 bytes of 100,000).
     keys: list[str]
     #: The version the listing showed for `keys[i]`; None for directories and uncommitted
     #: files.
     metas: list[ObjectMeta | None]
-    dirs: frozenset[str]
     #: Store requests the paging took, and lookups it answered: once a stale listing has
     #: answered as many lookups as it cost pages, paging it again is cheaper than a HEAD
     #: (and a one-key LIST) per lookup.
@@ -95,17 +101,21 @@ class Listing:
         return len(self.keys)
 
     def index(self, key: str) -> int | None:
-        """Where `key` is in `keys`, or None if the directory has no such entry."""
+        """Where `key` (a directory's ending in '/') is in `keys`, or None if the
+        directory has no such entry."""
         i = bisect.bisect_left(self.keys, key)
         return i if i < len(self.keys) and self.keys[i] == key else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class DirStream:
-    """What `opendir` hands the adapter: the listing an open directory reads from."""
+    """What `opendir` hands the adapter: the listing an open directory reads from, and
+    the paging still filling it (None once the listing was complete at opendir, or once
+    the stream was released)."""
 
     inode: Inode
     listing: Listing
+    paging: Paging | None = None
 
 
 @dataclass
