@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tests.fuse.test_scale_mount import BIG_DIR, SLOW_LIST
 from tests.support import s3_env
@@ -37,6 +37,20 @@ SLOW_PAGE = 1.0
 #: Local-only files (created here, not committed: commit_interval is long), named to
 #: sort between, before and after the store's.
 LOCAL = ("a-local", "f000100.log-new", "zz-local")
+
+
+#: The local-only files' sizes: written through the mount and held open, not committed.
+LOCAL_SIZES: dict[str, int] = {name: i + 10 for i, name in enumerate(LOCAL)}
+
+
+def _hold_local_files(big: Path) -> list[BinaryIO]:
+    """LOCAL opened in `big` on the mount and written (the caller closes them): entries
+    only this mount knows of, since nothing is committed while they are open."""
+    local = [open(big / name, "wb") for name in LOCAL]  # noqa: SIM115
+    for f in local:
+        f.write(b"L" * LOCAL_SIZES[Path(f.name).name])
+        f.flush()  # Python's buffer to the mount; nothing committed
+    return local
 
 
 def _size(i: int) -> int:
@@ -160,13 +174,10 @@ def test_s3_readdir_streams_while_pages_come(
     env = s3_env.env_for(moto_proxy.url, bucket, moto_proxy.url)
     with mounted(env, tmp_path, "commit_interval=600") as m:
         big = m.path / "big"
-        local = [open(big / name, "wb") for name in LOCAL]  # noqa: SIM115
+        local = _hold_local_files(big)
         try:
-            for i, f in enumerate(local):
-                f.write(b"L" * (i + 10))
-                f.flush()  # Python's buffer to the mount; nothing committed
             expected = _store_view_s3(moto, bucket)
-            expected.update({name: i + 10 for i, name in enumerate(LOCAL)})
+            expected.update(LOCAL_SIZES)
             assert len(expected) == S3_KEYS + 1 + len(LOCAL)
             assert S3_KEYS // S3_PAGE == 3
 
@@ -291,13 +302,10 @@ def test_local_listing_whole_and_in_order_while_it_changes(
     _fill_local(root, MID_DIR, "mid")
     with mounted(file_env, tmp_path, "commit_interval=600") as m:
         big = m.path / "big"
-        local = [open(big / name, "wb") for name in LOCAL]  # noqa: SIM115
+        local = _hold_local_files(big)
         try:
-            for i, f in enumerate(local):
-                f.write(b"L" * (i + 10))
-                f.flush()
             expected = _store_view_local(root)
-            expected.update({name: i + 10 for i, name in enumerate(LOCAL)})
+            expected.update(LOCAL_SIZES)
             names, view = _mount_view(big)
             assert view == expected
             assert _in_store_order(names, view)
