@@ -182,6 +182,16 @@ class MeteredStore:
         self.meter.store_read_bytes += len(data)
         return data
 
+    async def read_local(self, key: str, etag: ETag, off: int,
+                         size: int) -> bytes | memoryview:
+        inner = self._inner
+        data = await (inner.read_local(key, etag, off, size)
+                      if isinstance(inner, ReadsLocally) and inner.reads_locally
+                      else inner.read(key, etag, off, size))
+        self.meter.store_reads += 1
+        self.meter.store_read_bytes += len(data)
+        return data
+
     async def list(self, prefix: str, *, delimiter: str = "/", token: str | None = None,
                    limit: int = 1000) -> ListPage:
         return await self._inner.list(prefix, delimiter=delimiter, token=token, limit=limit)

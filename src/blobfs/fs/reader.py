@@ -53,7 +53,9 @@ class Reader:
         self.cache = cache
         #: Reads of a local store go straight to it (`ReadsLocally`); asked once, here:
         #: an isinstance() against a runtime Protocol costs ~10 us.
-        self.reads_locally = isinstance(store, ReadsLocally) and store.reads_locally
+        self._local = store if isinstance(store, ReadsLocally) and store.reads_locally \
+            else None
+        self.reads_locally = self._local is not None
         self._readahead_max = readahead_max
         self._spawn = spawn
         #: Blocks of runs decided on but whose fetch task has not claimed them in the
@@ -70,10 +72,10 @@ class Reader:
         end = min(off + size, meta.size)
         if end <= off:
             return b""
-        if self.reads_locally:
+        if self._local is not None:
             # The kernel's page cache is this store's cache: one pread per FUSE request,
             # into a buffer the heap reuses as soon as the reply is sent.
-            return await self.store.read(meta.key, meta.etag, off, end - off)
+            return await self._local.read_local(meta.key, meta.etag, off, end - off)
         first, last = off // CACHE_BLOCK, (end - 1) // CACHE_BLOCK
         stop = self._advance_window(window, off, end, meta.size)
         runs = self._missing_runs(meta, first, stop)

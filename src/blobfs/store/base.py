@@ -219,6 +219,18 @@ class ReadsLocally(Protocol):
     #: Whether reads are local (False on a wrapper of a store whose reads are requests).
     reads_locally: bool
 
+    async def read_local(self, key: str, etag: ETag, off: int,
+                         size: int) -> bytes | memoryview:
+        """`ObjectStore.read` of a local store: answered on the trio thread when that
+        cannot block (the version's file already open, every byte in the page cache),
+        else through a worker thread. Only called when `reads_locally` is True.
+
+        Raises:
+            PreconditionFailed: `etag` is no longer the version of the key's file.
+            NotFound: the key is gone.
+        """
+        ...
+
 
 @runtime_checkable
 class ChecksNames(Protocol):

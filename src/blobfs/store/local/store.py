@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import trio
+
 from blobfs.config import StoreConfig
 from blobfs.errors import AccessDenied, BadRequest, NotFound, PreconditionFailed
 from blobfs.store._blocking import Blocking
@@ -42,6 +44,7 @@ from blobfs.store.local.files import (
     open_tmp,
     unlink_quiet,
 )
+from blobfs.store.local.held import HeldFiles
 from blobfs.store.local.publish import Draft, Publishing
 from blobfs.store.local.upload import DirUpload, LocalUpload
 from blobfs.types import ETag, ListPage, ObjectMeta
@@ -76,6 +79,8 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
         self._rest_of_listing: dict[tuple[str, str, str | None],
                                     tuple[list[tuple[str, bool]], int]] = {}
         self._rest_lock = threading.Lock()
+        #: Versions kept open for reads on the trio thread (`read_local`).
+        self.held = HeldFiles()
 
     # --- blocking bodies (run in worker threads) ------------------------------------------
     def _check_sync(self) -> None:
@@ -119,6 +124,17 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
         with self._locked():
             self._undo_append(path)
         return self._head_sync(key)
+
+    def _read_keep_sync(self, key: str, etag: ETag, off: int, size: int) -> tuple[bytes, int]:
+        """`_read_sync`, handing the open file over to the caller (who closes it)."""
+        fd = open_file(self.tree, self._path(key))
+        try:
+            if etag_of(fd) != etag:
+                raise PreconditionFailed(f"{key}: {etag} is not current")
+            return os.pread(fd, size, off), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
         fd = open_file(self.tree, self._path(key))
@@ -293,8 +309,22 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
         return await self.io.call("meta", self._list_sync, prefix, delimiter, token, limit,
                                   idempotent=True)
 
+    async def read_local(self, key: str, etag: ETag, off: int,
+                         size: int) -> bytes | memoryview:
+        """`ReadsLocally.read_local`: in place from a held file when that cannot block
+        (store/local/held.py), else through a worker thread, keeping the file it opens.
+        The worker's read is not abandoned on cancellation: its file must be handed over."""
+        data = self.held.read_nowait(key, etag, off, size)
+        if data is not None:
+            await trio.lowlevel.checkpoint()
+            return data
+        got, fd = await self.io.call("read", self._read_keep_sync, key, etag, off, size)
+        self.held.adopt(key, etag, fd)
+        return got
+
     async def delete(self, key: str) -> None:
         await self.io.call("write", self._delete_sync, key)
+        self.held.drop_key(key)
 
     async def copy(self, src: ObjectMeta, dst_key: str,
                    metadata: Mapping[str, str]) -> ObjectMeta:
@@ -316,6 +346,7 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
         return lineage_proves_append(old, new)
 
     async def aclose(self) -> None:
+        self.held.close_all()
         self.tree.close()
 
 
