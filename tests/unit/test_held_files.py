@@ -96,8 +96,9 @@ def test_drop_key_closes_that_keys_versions(tmp_path: Path) -> None:
 
 
 def test_bytes_not_in_the_page_cache_go_to_the_worker(tmp_path: Path) -> None:
-    """RWF_NOWAIT refuses a read that would wait for the disk: None, and the file stays
-    held for the worker's read to warm."""
+    """RWF_NOWAIT refuses a read that would wait for the disk: None, and for COLD_FOR the
+    version's reads go to the worker without trying (each try starts read-ahead and gives
+    up); the file stays held, and once warm it is read in place again."""
     held = HeldFiles()
     path = tmp_path / "cold"
     fd, etag = _version(path, os.urandom(1 << 20))
@@ -106,6 +107,10 @@ def test_bytes_not_in_the_page_cache_go_to_the_worker(tmp_path: Path) -> None:
     held.adopt("cold", etag, fd)
     assert held.read_nowait("cold", etag, 0, 1 << 20) is None
     os.pread(fd, 1 << 20, 0)  # what the worker's read does
+    assert held.read_nowait("cold", etag, 0, 1 << 20) is None  # within COLD_FOR
+    held.adopt("cold", etag, os.open(path, os.O_RDONLY))  # already held: this one closed
+    held.close_all()  # as after HELD_IDLE: held anew, and tried in place again
+    held.adopt("cold", etag, os.open(path, os.O_RDONLY))
     got = held.read_nowait("cold", etag, 0, 1 << 20)
     assert got is not None and bytes(got) == path.read_bytes()
     held.close_all()
