@@ -62,7 +62,7 @@ class HeldFiles:
         version and still linked, and the page cache has every byte; else None (the caller
         reads through a worker thread). Never blocks."""
         now = time.monotonic()
-        self._sweep(now)
+        self._sweep(now, (key, etag))
         held = self._fds.get((key, etag))
         if held is None or not self.usable or now < held.cold_until:
             return None
@@ -110,9 +110,12 @@ class HeldFiles:
         for k in list(self._fds):
             self._close(k)
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float, reading: tuple[str, ETag]) -> None:
+        """Close held files unread for HELD_IDLE or unlinked; `reading`'s is checked by
+        the read itself (one fstat, not two)."""
         for k, held in list(self._fds.items()):
-            if now - held.used > HELD_IDLE or os.fstat(held.fd).st_nlink == 0:
+            if now - held.used > HELD_IDLE or (
+                    k != reading and os.fstat(held.fd).st_nlink == 0):
                 self._close(k)
 
     def _close(self, k: tuple[str, ETag]) -> None:

@@ -126,7 +126,8 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
         return self._head_sync(key)
 
     def _read_keep_sync(self, key: str, etag: ETag, off: int, size: int) -> tuple[bytes, int]:
-        """`_read_sync`, handing the open file over to the caller (who closes it)."""
+        """A ranged read of version `etag`, handing the open file over to the caller (who
+        closes it)."""
         fd = open_file(self.tree, self._path(key))
         try:
             if etag_of(fd) != etag:
@@ -137,13 +138,9 @@ class LocalStore(Publishing, DropsOrphans, AppendsInPlace, ReadsLocally):
             raise
 
     def _read_sync(self, key: str, etag: ETag, off: int, size: int) -> bytes:
-        fd = open_file(self.tree, self._path(key))
-        try:
-            if etag_of(fd) != etag:
-                raise PreconditionFailed(f"{key}: {etag} is not current")
-            return os.pread(fd, size, off)
-        finally:
-            os.close(fd)
+        data, fd = self._read_keep_sync(key, etag, off, size)
+        os.close(fd)
+        return data
 
     def _list_sync(self, prefix: str, delimiter: str, token: str | None,
                    limit: int) -> ListPage:
